@@ -1,0 +1,185 @@
+"""A small decoder-only MoE language model for demos, tests and benchmarks.
+
+RMSNorm, rotary attention through ``scaled_dot_product_attention``, and an MoE FFN in every
+layer (any backend from :func:`moespec.moe.build_moe_layer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe import MoEConfig, build_moe_layer
+from ..routing import LossConfig
+
+
+@dataclass
+class TinyMoEConfig:
+    """Dimensions of the tiny MoE LM (the MoE and loss settings come separately)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                "model.hidden_size / model.num_heads must be even for rotary embeddings"
+            )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        ) * self.weight
+
+
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq_len, head_dim/2]."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    ang = torch.outer(torch.arange(seq_len, device=device).float(), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of ``x`` [B,h,S,d]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions."""
+
+    def __init__(self, cfg: TinyMoEConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (
+            self.qkv_proj(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MoE FFN."""
+
+    def __init__(self, cfg: TinyMoEConfig, moe: MoEConfig, loss: LossConfig, index: int) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = build_moe_layer(cfg.hidden_size, moe, loss, layer_index=index)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+@dataclass
+class LMOutput:
+    """Logits [B,S,V] and, when labels were given, the mean token cross-entropy."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = field(default=None, repr=False)
+
+
+class TinyMoELM(nn.Module):
+    """Decoder-only MoE LM: embeddings, N MoE decoder layers, final norm, LM head."""
+
+    def __init__(
+        self, cfg: TinyMoEConfig, moe: MoEConfig | None = None, loss: LossConfig | None = None
+    ) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        moe = moe or MoEConfig()
+        loss = loss or LossConfig()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, moe, loss, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_weights(cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        head_dim = cfg.hidden_size // cfg.num_heads
+        cos, sin = rotary_tables(cfg.max_seq_len, head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_weights(self, std: float) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("embed_tokens.weight") or (
+                p.dim() == 2 and "router" not in name and "norm" not in name
+            ):
+                nn.init.normal_(p, std=std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+    ) -> LMOutput:
+        """``labels`` are already aligned with ``input_ids`` (label t = token after t)."""
+        b, s = input_ids.shape
+        if s > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {s} exceeds model.max_seq_len={self.config.max_seq_len}"
+            )
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[:s].to(x.device), self.rope_sin[:s].to(x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if labels is None:
+            return LMOutput(logits=logits)
+        token_losses = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=ignore_index,
+            reduction="none",
+        ).view(b, s)
+        valid = (labels != ignore_index).float()
+        loss = (token_losses * valid).sum() / valid.sum().clamp_min(1.0)
+        return LMOutput(logits=logits, loss=loss, token_losses=token_losses)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,58 @@
+"""MoE layer config shared by every backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..routing import LossConfig, RouterConfig
+
+BACKENDS = ("native", "deepspeed", "megablocks")
+
+
+@dataclass
+class MoEConfig:
+    """Which backend runs the experts, how many, and how tokens are routed to them."""
+
+    backend: str = "native"
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_size: int = 256
+    shared_expert_size: int = 0
+    score_func: str = "softmax"
+    normalize_topk: bool = True
+    jitter: float = 0.0
+    score_bias: bool = False
+    ep_size: int = 1
+    capacity_factor: float = 0.0
+    drop_tokens: bool = False
+
+    def router_config(self, loss: LossConfig) -> RouterConfig:
+        """The router config this MoE config implies, with the given loss weights."""
+        return RouterConfig(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            score_func=self.score_func,
+            normalize_topk=self.normalize_topk,
+            jitter=self.jitter,
+            score_bias=self.score_bias,
+            loss=loss,
+        )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"moe.backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.ffn_size < 1:
+            raise ValueError(f"moe.ffn_size must be >= 1, got {self.ffn_size}")
+        if self.shared_expert_size < 0:
+            raise ValueError(f"moe.shared_expert_size must be >= 0, got {self.shared_expert_size}")
+        if self.ep_size < 1:
+            raise ValueError(f"moe.ep_size must be >= 1, got {self.ep_size}")
+        if self.num_experts % self.ep_size:
+            raise ValueError(
+                f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}"
+            )
+        if self.ep_size > 1 and self.backend == "native":
+            raise ValueError("moe.ep_size > 1 needs moe.backend=deepspeed (expert parallel)")
+        if self.capacity_factor < 0:
+            raise ValueError(f"moe.capacity_factor must be >= 0, got {self.capacity_factor}")

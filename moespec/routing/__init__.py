@@ -1,0 +1,48 @@
+"""Router, routing losses, loss calibration and routing statistics. Depends only on torch."""
+
+from . import losses, metrics
+from .config import (
+    AuxLossConfig,
+    LossConfig,
+    OrthogonalityLossConfig,
+    RouterConfig,
+    VarianceLossConfig,
+    ZLossConfig,
+    validate_loss_config,
+    validate_router_config,
+)
+from .router import (
+    CollectedLosses,
+    Router,
+    RouterOutput,
+    TokenContext,
+    calibrate_weight,
+    clear_router_losses,
+    collect_router_losses,
+    collect_routing_stats,
+    iter_routers,
+    set_token_context,
+)
+
+__all__ = [
+    "AuxLossConfig",
+    "CollectedLosses",
+    "LossConfig",
+    "OrthogonalityLossConfig",
+    "Router",
+    "RouterConfig",
+    "RouterOutput",
+    "TokenContext",
+    "VarianceLossConfig",
+    "ZLossConfig",
+    "calibrate_weight",
+    "clear_router_losses",
+    "collect_router_losses",
+    "collect_routing_stats",
+    "iter_routers",
+    "losses",
+    "metrics",
+    "set_token_context",
+    "validate_loss_config",
+    "validate_router_config",
+]

@@ -1,0 +1,316 @@
+"""The moespec router: gate, top-k, and the routing losses it keeps on itself.
+
+Each forward computes the configured losses from its own scores and stores the raw
+(unweighted) values on the module; the MoE layer hands the raw expert outputs back through
+:meth:`Router.record_expert_outputs` for the orthogonality loss. :func:`collect_router_losses`
+walks any model, calibrates β/γ when they are ``"auto"``, and returns the weighted total.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as L
+from .config import AUTO, LossConfig, RouterConfig, parse_weight, validate_router_config
+from .metrics import RoutingStats
+
+
+@dataclass
+class RouterOutput:
+    """What the MoE layer needs from the router for one batch of T tokens."""
+
+    logits: torch.Tensor  # [T,E] float32
+    scores: torch.Tensor  # [T,E] probabilities used for the losses
+    idx: torch.Tensor  # [T,k] selected experts
+    weights: torch.Tensor  # [T,k] gate weights (renormalised when configured)
+
+
+@dataclass
+class TokenContext:
+    """Per-token labels the trainer sets before a forward: sequence and domain ids, flat [T]."""
+
+    sequence_ids: torch.Tensor | None = None
+    domain_ids: torch.Tensor | None = None
+
+
+class LossWeights(nn.Module):
+    """α, β, γ, ζ as buffers so that calibrated values travel with the checkpoint.
+
+    A weight configured as ``"auto"`` starts as NaN and is set by calibration.
+    """
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.auto_beta = parse_weight(cfg.orthogonality.weight, "loss.orthogonality.weight") == AUTO
+        self.auto_gamma = parse_weight(cfg.variance.weight, "loss.variance.weight") == AUTO
+        nan = float("nan")
+        beta = nan if self.auto_beta else float(cfg.orthogonality.weight)
+        gamma = nan if self.auto_gamma else float(cfg.variance.weight)
+        self.register_buffer("alpha", torch.tensor(float(cfg.aux.weight), dtype=torch.float64))
+        self.register_buffer("beta", torch.tensor(beta, dtype=torch.float64))
+        self.register_buffer("gamma", torch.tensor(gamma, dtype=torch.float64))
+        self.register_buffer("zeta", torch.tensor(float(cfg.z.weight), dtype=torch.float64))
+
+    def needs_calibration(self) -> bool:
+        """True while an ``"auto"`` weight has not been calibrated."""
+        return bool(torch.isnan(self.beta)) or bool(torch.isnan(self.gamma))
+
+    def as_dict(self) -> dict[str, float]:
+        """Current weights as floats (NaN when not yet calibrated)."""
+        return {k: float(getattr(self, k)) for k in ("alpha", "beta", "gamma", "zeta")}
+
+
+class Router(nn.Module):
+    """Linear top-k router that keeps its own losses and routing statistics."""
+
+    def __init__(
+        self, hidden_size: int, config: RouterConfig, *, layer_index: int | None = None
+    ) -> None:
+        super().__init__()
+        validate_router_config(config)
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.layer_index = layer_index
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.register_buffer("score_correction_bias", torch.zeros(config.num_experts))
+        self.loss_weights = LossWeights(config.loss)
+        self.stats = RoutingStats(config.num_experts)
+        self.token_context: TokenContext | None = None
+        self.track_stats = True
+        self.raw_losses: dict[str, torch.Tensor] = {}
+        self._pending_outputs = False
+
+    # ------------------------------------------------------------------ routing
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T,E] in float32 (jitter noise on the input in training)."""
+        if self.training and self.config.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1 - self.config.jitter, 1 + self.config.jitter)
+            x = x * noise
+        return F.linear(x.float(), self.weight.float())
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """Route tokens ``x`` [T,H]; computes and stores the raw losses and statistics."""
+        logits = self.gate_logits(x)
+        if self.config.score_func == "softmax":
+            probs = logits.softmax(-1)
+            select = probs
+            dist_scores = probs
+        else:
+            probs = logits.sigmoid()
+            select = probs
+            dist_scores = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.config.score_bias:
+            select = select + self.score_correction_bias
+        idx = select.topk(self.top_k, dim=-1).indices
+        weights = probs.gather(1, idx)
+        if self.config.normalize_topk and self.top_k > 1:
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        out = RouterOutput(logits=logits, scores=dist_scores, idx=idx, weights=weights)
+        self._compute_losses(out)
+        if self.training and self.config.score_bias:
+            self._update_score_bias(idx)
+        return out
+
+    def _compute_losses(self, out: RouterOutput) -> None:
+        cfg = self.config.loss
+        ctx = self.token_context
+        seq_ids = ctx.sequence_ids if (ctx is not None and cfg.aux.scope == "sequence") else None
+        if seq_ids is not None and seq_ids.numel() != out.idx.shape[0]:
+            seq_ids = None
+        raw: dict[str, torch.Tensor] = {}
+        if cfg.aux.scope == "global" and dist.is_available() and dist.is_initialized():
+            raw["aux"] = _global_load_balancing(out.scores, out.idx, self.num_experts)
+        else:
+            raw["aux"] = L.load_balancing_loss(
+                out.scores, out.idx, self.num_experts, sequence_ids=seq_ids
+            )
+        raw["variance"] = L.variance_loss(out.scores)
+        if float(self.loss_weights.zeta) > 0:
+            raw["z"] = L.z_loss(out.logits)
+        self.raw_losses = raw
+        self._pending_outputs = True
+        if self.track_stats:
+            dom = ctx.domain_ids if ctx is not None else None
+            if dom is not None and dom.numel() != out.idx.shape[0]:
+                dom = None
+            self.stats.update(out.scores.detach(), out.idx.detach(), dom)
+
+    def record_expert_outputs(self, expert_outputs: torch.Tensor) -> None:
+        """Take each token's raw outputs of its k experts [T,k,H]; computes the orthogonality loss."""
+        beta = self.loss_weights.beta
+        wants_loss = self.loss_weights.auto_beta or float(beta) > 0
+        if wants_loss and self.training:
+            self.raw_losses["orthogonality"] = L.orthogonality_loss(
+                expert_outputs, self.config.loss.orthogonality.variant
+            )
+        if self.track_stats and expert_outputs.shape[0] > 0:
+            self.stats.update_overlap(
+                float(L.output_overlap(expert_outputs)), expert_outputs.shape[0]
+            )
+        self._pending_outputs = False
+
+    @torch.no_grad()
+    def _update_score_bias(self, idx: torch.Tensor) -> None:
+        """Aux-loss-free balancing: push the bias of overloaded experts down, underloaded up."""
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        err = counts.mean() - counts
+        self.score_correction_bias += self.config.bias_update_rate * err.sign()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"hidden={self.hidden_size}, experts={c.num_experts}, top_k={c.top_k}, score={c.score_func}"
+
+
+def _global_load_balancing(
+    scores: torch.Tensor, idx: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Aux loss with f and P averaged over all data-parallel ranks before the product."""
+    from torch.distributed.nn.functional import all_reduce as diff_all_reduce
+
+    world = dist.get_world_size()
+    f, p = L.load_balancing_stats(scores, idx, num_experts)
+    f = f.detach().clone()
+    dist.all_reduce(f)
+    p = diff_all_reduce(p.contiguous())
+    return num_experts * ((f / world) * (p / world)).sum()
+
+
+# ---------------------------------------------------------------------- collection
+
+
+def iter_routers(model: nn.Module) -> list[Router]:
+    """Every moespec router in ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+def set_token_context(model: nn.Module, context: TokenContext | None) -> None:
+    """Give every router the per-token labels of the coming forward (or clear them)."""
+    for r in iter_routers(model):
+        r.token_context = context
+
+
+@dataclass
+class CollectedLosses:
+    """Weighted total and per-layer raw losses of one forward."""
+
+    total: torch.Tensor
+    per_layer: list[dict[str, float]] = field(default_factory=list)
+    means: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    calibrated: dict[str, float] | None = None
+
+
+def calibrate_weight(raw_value: float, target: float) -> float:
+    """Paper recipe: the power of ten that brings ``raw_value`` closest to ``target``."""
+    if not math.isfinite(raw_value) or raw_value <= 0:
+        return 0.0
+    return 10.0 ** round(math.log10(target / raw_value))
+
+
+def _mean_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t = t.cpu() / dist.get_world_size()
+    return t.tolist()
+
+
+def calibrate(routers: list[Router]) -> dict[str, float] | None:
+    """Set ``"auto"`` β and γ from the current raw losses (mean over layers and ranks)."""
+    todo = [r for r in routers if r.loss_weights.needs_calibration()]
+    if not todo:
+        return None
+    lo = [
+        float(r.raw_losses["orthogonality"].detach())
+        for r in todo
+        if "orthogonality" in r.raw_losses
+    ]
+    lv = [float(r.raw_losses["variance"].detach()) for r in todo if "variance" in r.raw_losses]
+    mean_lo = sum(lo) / len(lo) if lo else 0.0
+    mean_lv = sum(lv) / len(lv) if lv else 0.0
+    mean_lo, mean_lv = _mean_across_ranks([mean_lo, mean_lv])
+    cfg = todo[0].config.loss
+    chosen = {}
+    if todo[0].loss_weights.auto_beta and math.isnan(float(todo[0].loss_weights.beta)):
+        chosen["beta"] = calibrate_weight(mean_lo, cfg.orthogonality.target)
+        chosen["raw_orthogonality"] = mean_lo
+    if todo[0].loss_weights.auto_gamma and math.isnan(float(todo[0].loss_weights.gamma)):
+        chosen["gamma"] = calibrate_weight(mean_lv, cfg.variance.target)
+        chosen["raw_variance"] = mean_lv
+    for r in todo:
+        if "beta" in chosen:
+            r.loss_weights.beta.fill_(chosen["beta"])
+        if "gamma" in chosen:
+            r.loss_weights.gamma.fill_(chosen["gamma"])
+    return chosen
+
+
+def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> CollectedLosses:
+    """Weighted routing loss ``Σ_layers α·aux + β·L_o − γ·L_v + ζ·z`` and per-layer values."""
+    routers = [r for r in iter_routers(model) if r.raw_losses]
+    calibrated = calibrate(routers) if calibrate_auto else None
+    total: torch.Tensor | None = None
+    per_layer = []
+    sums: dict[str, float] = {}
+    for r in routers:
+        w = r.loss_weights
+        weights = {
+            "aux": float(w.alpha),
+            "orthogonality": float(w.beta),
+            "variance": -float(w.gamma),
+            "z": float(w.zeta),
+        }
+        layer_vals = {}
+        for name, value in r.raw_losses.items():
+            layer_vals[name] = float(value.detach())
+            sums[name] = sums.get(name, 0.0) + layer_vals[name]
+            coef = weights[name]
+            if coef != 0 and math.isfinite(coef) and value.requires_grad:
+                term = coef * value
+                total = term if total is None else total + term
+        per_layer.append(layer_vals)
+    if total is None:
+        device = routers[0].weight.device if routers else "cpu"
+        total = torch.zeros((), device=device)
+    n = max(len(per_layer), 1)
+    ref = routers[0].loss_weights.as_dict() if routers else {}
+    return CollectedLosses(
+        total=total,
+        per_layer=per_layer,
+        means={k: v / n for k, v in sums.items()},
+        weights=ref,
+        calibrated=calibrated,
+    )
+
+
+def clear_router_losses(model: nn.Module) -> None:
+    """Drop the stored raw losses (and their graphs) of every router."""
+    for r in iter_routers(model):
+        r.raw_losses = {}
+
+
+def collect_routing_stats(
+    model: nn.Module, *, reset: bool = True, all_reduce: bool = True
+) -> list[dict[str, float]]:
+    """Per-layer window metrics of every router (summed across ranks), then start a new window."""
+    out = []
+    for r in iter_routers(model):
+        if all_reduce:
+            r.stats.all_reduce()
+        out.append(r.stats.compute())
+        if reset:
+            r.stats.reset()
+    return out

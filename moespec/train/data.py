@@ -1,0 +1,607 @@
+"""Data pipeline: load documents, train or load a tokenizer, pack into fixed-length sequences.
+
+:func:`build_data` returns train/validation datasets of packed ``seq_len`` windows with
+next-token ``labels`` and per-token ``domain_ids``, caching the tokenizer and token arrays under
+``cache_dir``. :func:`batch_iterator` yields deterministic, resumable, rank-sharded batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from moespec.train import corpus
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+DATA_EXTENSIONS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+_SUPPORTED = ", ".join(DATA_EXTENSIONS) + ", or a datasets save_to_disk directory"
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and how it is packed and split."""
+
+    source: str = "embedded"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    domain_field: str | None = "domain"
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    max_chars_per_domain: int = 2_000_000
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass
+class DataBundle:
+    """Packed train/validation datasets, their tokenizer, and the domain names."""
+
+    train: PackedDataset
+    val: PackedDataset
+    tokenizer: PreTrainedTokenizerFast
+    domains: list[str] = field(default_factory=list)
+    cache_path: Path | None = None
+
+
+class PackedDataset(Dataset):
+    """Fixed windows over a flat token stream: chunk ``i`` is ``seq_len + 1`` tokens long."""
+
+    def __init__(self, tokens: np.ndarray, domains: np.ndarray, seq_len: int) -> None:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.tokens = tokens
+        self.token_domains = domains
+        self.seq_len = seq_len
+        self._n = len(tokens) // (seq_len + 1)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += self._n
+        if not 0 <= index < self._n:
+            raise IndexError(f"index {index} out of range for {self._n} sequences")
+        start = index * (self.seq_len + 1)
+        stop = start + self.seq_len + 1
+        chunk = torch.from_numpy(np.asarray(self.tokens[start:stop], dtype=np.int64))
+        dom = torch.from_numpy(np.asarray(self.token_domains[start : stop - 1], dtype=np.int64))
+        return {"input_ids": chunk[:-1].clone(), "labels": chunk[1:].clone(), "domain_ids": dom}
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of input tokens over all sequences."""
+        return self._n * self.seq_len
+
+
+def default_cache_dir() -> Path:
+    """``$MOESPEC_CACHE`` or ``~/.cache/moespec``."""
+    env = os.environ.get("MOESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moespec"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _stat_fingerprint(path: Path) -> list[Any]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [[str(p.relative_to(path)), *_stat_fingerprint(p)[1:]] for p in files]
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def resolve_sources(source: str) -> list[Path]:
+    """Expand ``source`` (comma list of files/directories) into data files or saved datasets."""
+    paths = [s.strip() for s in source.split(",") if s.strip()]
+    if not paths:
+        raise ValueError(f"data source is empty: {source!r} (use 'embedded' or paths)")
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: data file not found")
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                out.append(path)
+                continue
+            files = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
+            )
+            if not files:
+                raise FileNotFoundError(f"{path}: directory has no data files ({_SUPPORTED})")
+            out += files
+        elif path.suffix.lower() in DATA_EXTENSIONS:
+            out.append(path)
+        else:
+            raise ValueError(
+                f"{path}: unsupported data file extension '{path.suffix}' (supported: {_SUPPORTED})"
+            )
+    return out
+
+
+def _source_fingerprint(cfg: DataConfig) -> Any:
+    if cfg.source == "embedded":
+        return ["embedded", corpus.embedded_fingerprint(cfg.max_chars_per_domain, cfg.seed)]
+    return [_stat_fingerprint(p) for p in resolve_sources(cfg.source)]
+
+
+def render_messages(messages: Sequence[dict[str, Any]], tokenizer: Any = None) -> str:
+    """Render chat ``messages`` with the tokenizer's chat template, else as ``role: content``."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False)
+    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
+
+
+def _load_one(path: Path, hf_cache: Path) -> datasets.Dataset:
+    import datasets
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" in ds:
+                return ds["train"]
+            if len(ds) == 1:
+                return next(iter(ds.values()))
+            raise ValueError(f"{path}: saved DatasetDict has splits {list(ds)}; expected 'train'")
+        return ds
+    builder = DATA_EXTENSIONS[path.suffix.lower()]
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
+    return datasets.load_dataset(
+        builder, data_files=[str(path)], split="train", cache_dir=str(hf_cache), **kwargs
+    )
+
+
+def load_documents(cfg: DataConfig, chat_tokenizer: Any = None) -> datasets.Dataset:
+    """Load all documents as a ``datasets.Dataset`` with columns ``text`` and ``domain``.
+
+    ``.txt`` files give one document per blank-line-separated paragraph; chat rows (the
+    ``messages_field``) are rendered with :func:`render_messages` using ``chat_tokenizer``.
+    """
+    import datasets
+
+    if cfg.source == "embedded":
+        ds = corpus.embedded_corpus(cfg.max_chars_per_domain, cfg.seed)
+        if cfg.domain_field is None:
+            ds = ds.map(lambda _: {"domain": None}, features=_doc_features())
+        return ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
+    hf_cache = Path(cfg.cache_dir or default_cache_dir()) / "hf-datasets"
+    parts = []
+    for path in resolve_sources(cfg.source):
+        ds = _load_one(path, hf_cache)
+        cols = ds.column_names
+        dom_col = cfg.domain_field if cfg.domain_field in cols else None
+        if path.suffix.lower() == ".txt":
+            text_col, chat = "text", False
+        elif cfg.text_field in cols:
+            text_col, chat = cfg.text_field, False
+        elif cfg.messages_field in cols:
+            text_col, chat = cfg.messages_field, True
+        else:
+            raise ValueError(
+                f"{path}: text field '{cfg.text_field}' (or messages field "
+                f"'{cfg.messages_field}') not found; available columns: {cols}"
+            )
+
+        def convert(batch: dict[str, list], text_col=text_col, chat=chat, dom_col=dom_col):
+            texts = batch[text_col]
+            if chat:
+                texts = [render_messages(m, chat_tokenizer) if m else "" for m in texts]
+            doms = batch[dom_col] if dom_col else [None] * len(texts)
+            return {
+                "text": [t if isinstance(t, str) else "" for t in texts],
+                "domain": [None if d is None else str(d) for d in doms],
+            }
+
+        ds = ds.map(
+            convert,
+            batched=True,
+            remove_columns=cols,
+            features=_doc_features(),
+            desc=f"Reading {path.name}",
+        )
+        parts.append(ds.filter(lambda r: bool(r["text"].strip())))
+    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return docs
+
+
+def _doc_features() -> datasets.Features:
+    import datasets
+
+    return datasets.Features({"text": datasets.Value("string"), "domain": datasets.Value("string")})
+
+
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic document-level split: sorted ``(train_indices, val_indices)``."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n_docs * val_fraction)
+    if val_fraction > 0 and n_docs >= 2:
+        n_val = min(max(n_val, 1), n_docs - 1)
+    perm = np.random.default_rng(seed).permutation(n_docs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary directory into place (atomic rename)."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
+
+
+def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` (EOS) and ``<|pad|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be >= 258 for byte-level BPE, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary/merges, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab()))
+    extra = [tokenizer.eos_token, getattr(tokenizer, "chat_template", None)]
+    return _hash([hashlib.sha256(body.encode()).hexdigest(), extra])
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: tokenizer directory not found (or use tokenizer='bpe')")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one")
+    return int(eos)
+
+
+def tokenize_documents(
+    docs: datasets.Dataset, tokenizer: Any, domains: list[str], *, show_progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize docs (EOS appended) into ``(flat_tokens, flat_domain_ids, doc_offsets)``."""
+    eos = _eos_id(tokenizer)
+    index = {d: i for i, d in enumerate(domains)}
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if not show_progress:
+        datasets.disable_progress_bars()
+    try:
+        enc = docs.map(
+            encode,
+            batched=True,
+            batch_size=256,
+            remove_columns=docs.column_names,
+            desc="Tokenizing",
+        )
+    finally:
+        if was_enabled and not show_progress:
+            datasets.enable_progress_bars()
+    col = enc.data.column("input_ids").combine_chunks()
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    tokens = col.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    doc_dom = np.array([index.get(d, -1) if d is not None else -1 for d in docs["domain"]])
+    token_dom = np.repeat(doc_dom.astype(np.int16), lengths)
+    return tokens, token_dom, offsets
+
+
+def _gather(tokens: np.ndarray, doms: np.ndarray, offsets: np.ndarray, idx: np.ndarray):
+    if len(idx) == 0:
+        return tokens[:0].copy(), doms[:0].copy()
+    pieces = [slice(offsets[i], offsets[i + 1]) for i in idx]
+    return np.concatenate([tokens[s] for s in pieces]), np.concatenate([doms[s] for s in pieces])
+
+
+def _validate(cfg: DataConfig) -> None:
+    if cfg.seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {cfg.seq_len}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.source == "embedded" and cfg.max_chars_per_domain <= 0:
+        raise ValueError(f"max_chars_per_domain must be > 0, got {cfg.max_chars_per_domain}")
+
+
+def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:
+    """Load, tokenize, split and pack the data of ``cfg``, using the on-disk cache when valid.
+
+    ``tokenizer`` overrides ``cfg.tokenizer``. A file lock lets concurrent ranks share one
+    build; the trainer calls rank 0 first and the other ranks after a barrier, so they only
+    read the cache. Only rank 0 shows progress bars.
+    """
+    _validate(cfg)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    src_fp = _source_fingerprint(cfg)
+    doc_key = {
+        "v": CACHE_VERSION,
+        "source": src_fp,
+        "fields": [cfg.text_field, cfg.messages_field, cfg.domain_field],
+        "split": [cfg.val_fraction, cfg.seed],
+    }
+    docs: datasets.Dataset | None = None
+    split: tuple[np.ndarray, np.ndarray] | None = None
+
+    def get_docs(chat_tok: Any) -> tuple[datasets.Dataset, tuple[np.ndarray, np.ndarray]]:
+        nonlocal docs, split
+        if docs is None:
+            docs = load_documents(cfg, chat_tok)
+            if len(docs) == 0:
+                raise ValueError(f"data source {cfg.source!r} has no non-empty documents")
+            split = split_documents(len(docs), cfg.val_fraction, cfg.seed)
+        return docs, split
+
+    if tokenizer is None and cfg.tokenizer == "bpe":
+        tok_dir = cache / "tokenizers" / f"bpe-{_hash([doc_key, cfg.vocab_size])}"
+        with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+            if not (tok_dir / "tokenizer.json").is_file():
+                d, (train_idx, _) = get_docs(None)
+                log.info("training a %d-token BPE tokenizer on %d docs", cfg.vocab_size, len(d))
+                train_texts = d.select(train_idx)["text"]
+                tok = train_bpe_tokenizer(iter(train_texts), cfg.vocab_size)
+                tok_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
+                tok.save_pretrained(str(tmp))
+                _publish_dir(tmp, tok_dir)
+        tokenizer = _load_tokenizer(str(tok_dir))
+    elif tokenizer is None:
+        tokenizer = _load_tokenizer(cfg.tokenizer)
+    _eos_id(tokenizer)
+
+    data_key = _hash([doc_key, tokenizer_fingerprint(tokenizer)])
+    data_dir = cache / "packed" / data_key
+    with _file_lock(cache / "locks" / f"{data_key}.lock"):
+        if not (data_dir / "meta.json").is_file():
+            d, (train_idx, val_idx) = get_docs(tokenizer)
+            domains = (
+                sorted({x for x in d["domain"] if x is not None}) if cfg.domain_field else []
+            )
+            tokens, doms, offsets = tokenize_documents(
+                d, tokenizer, domains, show_progress=rank == 0
+            )
+            data_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
+            for name, idx in (("train", train_idx), ("val", val_idx)):
+                t, dm = _gather(tokens, doms, offsets, idx)
+                np.save(tmp / f"{name}_tokens.npy", t)
+                np.save(tmp / f"{name}_domains.npy", dm)
+            meta = {
+                "domains": domains,
+                "num_docs": {"train": len(train_idx), "val": len(val_idx)},
+                "vocab": len(tokenizer),
+                "config": asdict(cfg),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            _publish_dir(tmp, data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+
+    def load(name: str) -> PackedDataset:
+        t = np.load(data_dir / f"{name}_tokens.npy", mmap_mode="r")
+        dm = np.load(data_dir / f"{name}_domains.npy", mmap_mode="r")
+        return PackedDataset(t, dm, cfg.seq_len)
+
+    train, val = load("train"), load("val")
+    if len(train) == 0:
+        raise ValueError(
+            f"data source {cfg.source!r} has fewer than seq_len+1={cfg.seq_len + 1} "
+            "training tokens; lower seq_len or add data"
+        )
+    if cfg.val_fraction > 0 and len(val) == 0:
+        log.warning("validation split is shorter than one sequence of %d tokens", cfg.seq_len)
+    return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
+
+
+class StatefulBatchSampler(Sampler[list[int]]):
+    """Per-rank index batches from a seeded per-epoch shuffle, resumable at (epoch, position).
+
+    ``batch_size`` is per rank; global batch ``p`` of an epoch is ``batch_size * world_size``
+    consecutive indices of the epoch's permutation, and rank ``r`` gets the ``r``-th slice.
+    ``position`` counts global batches already yielded in ``epoch``; iteration runs from
+    there through ``num_epochs`` (forever when None). Under a prefetching ``DataLoader`` the
+    state runs ahead of the consumer: use :func:`batch_iterator` for exact resume.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        start_batch: int = 0,
+    ) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < world_size, got "
+                f"batch_size={batch_size} rank={rank} world_size={world_size}"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.num_epochs = num_epochs
+        g = batch_size * world_size
+        self.batches_per_epoch = num_samples // g if drop_last else -(-num_samples // g)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"dataset of {num_samples} samples has no full global batch of {g} "
+                f"(batch_size={batch_size} x world_size={world_size})"
+            )
+        self.epoch, self.position = divmod(start_batch, self.batches_per_epoch)
+
+    @property
+    def global_batch(self) -> int:
+        """Global batches consumed since the start of epoch 0."""
+        return self.epoch * self.batches_per_epoch + self.position
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Sample order of ``epoch``."""
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch_size * self.world_size
+        while self.num_epochs is None or self.epoch < self.num_epochs:
+            if self.position >= self.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            order = self.order(self.epoch)
+            while self.position < self.batches_per_epoch:
+                start = self.position * g + self.rank * self.batch_size
+                self.position += 1
+                shard = order[start : min(start + self.batch_size, (self.position) * g)]
+                if len(shard):
+                    yield shard.tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        """``epoch`` and ``position`` (global batches done in it), normalized past epoch ends."""
+        epoch, position = divmod(self.global_batch, self.batches_per_epoch)
+        return {"epoch": epoch, "position": position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state['epoch']``, ``state['position']``."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.seed = int(state.get("seed", self.seed))
+
+
+class BatchIterator:
+    """Collated batches from a :class:`StatefulBatchSampler`, with exact-resume state."""
+
+    def __init__(self, dataset: Dataset, sampler: StatefulBatchSampler) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self._it: Iterator[list[int]] | None = None
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.sampler)
+        indices = next(self._it)
+        return default_collate([self.dataset[i] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        """Sampler state after the batches returned so far."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved :meth:`state_dict`."""
+        self.sampler.load_state_dict(state)
+        self._it = None
+
+
+def batch_iterator(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    start_batch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+) -> BatchIterator:
+    """Iterate collated per-rank batches in a seeded shuffled order, from global batch ``start_batch``.
+
+    Resuming with ``start_batch=N`` (or ``load_state_dict``) yields exactly the batches an
+    uninterrupted run yields after its first ``N``; runs forever unless ``num_epochs`` is set.
+    """
+    sampler = StatefulBatchSampler(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        start_batch=start_batch,
+    )
+    return BatchIterator(dataset, sampler)

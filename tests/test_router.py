@@ -1,0 +1,174 @@
+"""Router config validation, stored losses, calibration and the collection function."""
+
+import math
+
+import pytest
+import torch
+
+from moespec.models import TinyMoEConfig, TinyMoELM
+from moespec.moe import MoEConfig, MoELayer
+from moespec.routing import (
+    LossConfig,
+    Router,
+    RouterConfig,
+    TokenContext,
+    collect_router_losses,
+    collect_routing_stats,
+    set_token_context,
+)
+from moespec.routing import (
+    losses as L,
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"top_k": 9}, "top_k"),
+        ({"top_k": 0}, "top_k"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"score_func": "tanh"}, "score_func"),
+        ({"jitter": -0.1}, "jitter"),
+    ],
+)
+def test_bad_router_config_names_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        Router(16, RouterConfig(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("aux", "weight"), -1.0, "aux.weight"),
+        (("orthogonality", "weight"), float("nan"), "orthogonality.weight"),
+        (("variance", "weight"), float("inf"), "variance.weight"),
+        (("variance", "weight"), "often", "variance.weight"),
+        (("orthogonality", "variant"), "qr", "orthogonality.variant"),
+        (("aux", "scope"), "epoch", "aux.scope"),
+        (("aux", "weight"), "auto", "aux.weight"),
+    ],
+)
+def test_bad_loss_config_names_field(path, value, field):
+    loss = LossConfig()
+    setattr(getattr(loss, path[0]), path[1], value)
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        Router(16, RouterConfig(loss=loss))
+
+
+def _router(score_func="softmax", normalize=True, **loss_weights):
+    loss = LossConfig()
+    loss.aux.weight = loss_weights.get("aux", 1e-2)
+    loss.orthogonality.weight = loss_weights.get("orth", 0.5)
+    loss.variance.weight = loss_weights.get("var", 0.25)
+    loss.z.weight = loss_weights.get("z", 0.0)
+    return Router(
+        12,
+        RouterConfig(
+            num_experts=6, top_k=2, score_func=score_func, normalize_topk=normalize, loss=loss
+        ),
+    )
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_router_outputs_and_stored_losses(score_func):
+    torch.manual_seed(0)
+    r = _router(score_func, z=1e-3)
+    x = torch.randn(20, 12)
+    out = r(x)
+    logits = x @ r.weight.T
+    probs = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    dist = probs / probs.sum(-1, keepdim=True)
+    torch.testing.assert_close(out.scores, dist)
+    assert out.idx.tolist() == probs.topk(2, -1).indices.tolist()
+    w = probs.gather(1, out.idx)
+    torch.testing.assert_close(out.weights, w / w.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.raw_losses["aux"], L.load_balancing_loss(dist, out.idx, 6))
+    torch.testing.assert_close(r.raw_losses["variance"], L.variance_loss(dist))
+    torch.testing.assert_close(r.raw_losses["z"], L.z_loss(logits))
+
+
+def test_collect_weighted_total_matches_formula():
+    torch.manual_seed(1)
+    layer = MoELayer(12, 16, _router().config)
+    layer(torch.randn(30, 12))
+    raw = dict(layer.router.raw_losses)
+    got = collect_router_losses(layer)
+    expect = 1e-2 * raw["aux"] + 0.5 * raw["orthogonality"] - 0.25 * raw["variance"]
+    torch.testing.assert_close(got.total, expect)
+    assert set(got.per_layer[0]) == {"aux", "orthogonality", "variance"}
+
+
+def test_auto_calibration_sets_power_of_ten_on_all_layers():
+    torch.manual_seed(2)
+    model = TinyMoELM(
+        TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, max_seq_len=16),
+        MoEConfig(num_experts=4, top_k=2, ffn_size=32),
+        LossConfig(),
+    )
+    for r in (m.router for m in model.modules() if isinstance(m, MoELayer)):
+        r.loss_weights.auto_beta = r.loss_weights.auto_gamma = True
+        r.loss_weights.beta.fill_(math.nan)
+        r.loss_weights.gamma.fill_(math.nan)
+    model(torch.randint(0, 64, (2, 16)))
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    lo = sum(float(r.raw_losses["orthogonality"].detach()) for r in routers) / 3
+    lv = sum(float(r.raw_losses["variance"].detach()) for r in routers) / 3
+    got = collect_router_losses(model)
+    assert got.calibrated["beta"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
+    assert got.calibrated["gamma"] == pytest.approx(10 ** round(math.log10(1e-3 / lv)))
+    for r in routers:
+        assert float(r.loss_weights.beta) == pytest.approx(got.calibrated["beta"])
+    state = model.state_dict()
+    assert any(k.endswith("loss_weights.beta") for k in state)  # travels with checkpoints
+    assert collect_router_losses(model).calibrated is None  # only once
+
+
+def test_auto_weight_from_config_string():
+    loss = LossConfig()
+    loss.orthogonality.weight = "auto"
+    loss.variance.weight = "AUTO"
+    r = Router(8, RouterConfig(num_experts=4, loss=loss))
+    assert r.loss_weights.needs_calibration()
+
+
+def test_sequence_scope_uses_token_context():
+    torch.manual_seed(3)
+    loss = LossConfig()
+    loss.aux.scope = "sequence"
+    r = Router(8, RouterConfig(num_experts=4, top_k=2, loss=loss))
+    seq = torch.arange(3).repeat_interleave(5)
+    set_token_context(r, TokenContext(sequence_ids=seq))
+    out = r(torch.randn(15, 8))
+    expect = L.load_balancing_loss(out.scores, out.idx, 4, sequence_ids=seq)
+    torch.testing.assert_close(r.raw_losses["aux"], expect)
+
+
+def test_score_bias_changes_selection_not_weights():
+    r = Router(8, RouterConfig(num_experts=4, top_k=1, score_bias=True, bias_update_rate=0.1))
+    x = torch.randn(64, 8)
+    r.train()
+    before = r.score_correction_bias.clone()
+    r(x)
+    assert not torch.equal(before, r.score_correction_bias)
+    r.eval()
+    r.score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    out = r(x)
+    assert (out.idx == 3).all()
+    torch.testing.assert_close(
+        out.weights, out.scores.gather(1, out.idx) * 0 + x.matmul(r.weight.T).softmax(-1)[:, 3:4]
+    )
+
+
+def test_routing_stats_window_and_domains():
+    torch.manual_seed(4)
+    r = Router(8, RouterConfig(num_experts=4, top_k=2))
+    dom = torch.tensor([0, 1] * 10)
+    set_token_context(r, TokenContext(domain_ids=dom))
+    out = r(torch.randn(20, 8))
+    stats = collect_routing_stats(r)[0]
+    counts = torch.bincount(out.idx.reshape(-1), minlength=4).float()
+    assert stats["maxvio"] == pytest.approx(
+        float((counts - counts.mean()).abs().max() / counts.mean())
+    )
+    assert 0.0 <= stats["domain_mi"] <= 1.0
+    assert r.stats.tokens == 0  # reset after collection
