@@ -83,7 +83,7 @@ def test_load_balancing_matches_reference(t, e, k):
 
 
 def test_load_balancing_uniform_is_one():
-    t, e, k = 16, 4, 2
+    t, e = 16, 4
     scores = torch.full((t, e), 1.0 / e)
     idx = torch.tensor([[i % e, (i + 1) % e] for i in range(t)])
     assert L.load_balancing_loss(scores, idx, e).item() == pytest.approx(1.0, abs=1e-6)

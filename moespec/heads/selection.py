@@ -116,11 +116,11 @@ class HeadProfile:
         shape = (int(data["num_layers"]), int(data["num_heads"]))
         if tuple(scores.shape) != shape:
             raise ValueError(f"{source}: scores have shape {tuple(scores.shape)}, expected {shape}")
-        heads = {c: [(int(l), int(h)) for l, h in data["heads"].get(c, [])] for c in CLASSES}
-        for cls, hs in heads.items():
+        heads = {c: [(int(x), int(h)) for x, h in data["heads"].get(c, [])] for c in CLASSES}
+        for name, hs in heads.items():
             bad = [h for h in hs if not (0 <= h[0] < shape[0] and 0 <= h[1] < shape[1])]
             if bad:
-                raise ValueError(f"{source}: {cls} heads {bad} are outside {shape[0]}x{shape[1]}")
+                raise ValueError(f"{source}: {name} heads {bad} are outside {shape[0]}x{shape[1]}")
         return cls(
             model_type=str(data["model_type"]),
             num_layers=shape[0],

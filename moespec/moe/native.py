@@ -17,6 +17,95 @@ from ..routing import Router, RouterConfig
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _silu_into(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.silu.out(g, out=out)
+
+
+class _RoutedSwiGLU(torch.autograd.Function):
+    """Gather, per-expert SwiGLU and scatter back to slot order in one autograd node (CPU).
+
+    Each expert's rows are processed while they are cache-resident: gather, ``x@W1``,
+    SiLU·up, ``@W2`` and the write back to slot order in the forward; gather of the output
+    gradient, the four matmuls and the fused SiLU backward in the backward. Matmuls write
+    into preallocated slices (no per-expert ``cat``, no zero-filled slice gradients).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        flat: torch.Tensor,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        order: torch.Tensor,
+        counts: list[int],
+        k: int,
+    ) -> torch.Tensor:
+        n, hidden = order.numel(), flat.shape[-1]
+        ffn = down.shape[1]
+        token = order // k  # sorted row -> token
+        xs = flat.new_empty(n, hidden)
+        h = flat.new_empty(n, 2 * ffn)
+        a = flat.new_empty(n, ffn)
+        raw = flat.new_empty(n, hidden)
+        y = flat.new_empty(max(counts, default=0), hidden)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sl = slice(start, start + c)
+            torch.index_select(flat, 0, token[sl], out=xs[sl])
+            torch.mm(xs[sl], gate_up[e], out=h[sl])
+            _silu_into(h[sl, :ffn], a[sl]).mul_(h[sl, ffn:])
+            torch.mm(a[sl], down[e], out=y[:c])
+            raw.index_copy_(0, order[sl], y[:c])
+            start += c
+        ctx.save_for_backward(xs, h, a, gate_up, down, order, token)
+        ctx.counts = counts
+        ctx.num_tokens = flat.shape[0]
+        return raw
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, graw: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        xs, h, a, gate_up, down, order, token = ctx.saved_tensors
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        ffn = down.shape[1]
+        width = max(ctx.counts, default=0)
+        graw = graw.contiguous()
+        gy = graw.new_empty(width, graw.shape[-1])
+        da = graw.new_empty(width, ffn)
+        dh = graw.new_empty(width, 2 * ffn)
+        dxs = graw.new_empty(width, graw.shape[-1])
+        dflat = graw.new_zeros(ctx.num_tokens, graw.shape[-1]) if need_x else None
+        dw1 = torch.zeros_like(gate_up) if need_w1 else None
+        dw2 = torch.zeros_like(down) if need_w2 else None
+        start = 0
+        for e, c in enumerate(ctx.counts):
+            if c == 0:
+                continue
+            sl = slice(start, start + c)
+            start += c
+            torch.index_select(graw, 0, order[sl], out=gy[:c])
+            if dw2 is not None:
+                torch.mm(a[sl].T, gy[:c], out=dw2[e])
+            if not (need_x or need_w1):
+                continue
+            torch.mm(gy[:c], down[e].T, out=da[:c])
+            g, u = h[sl, :ffn], h[sl, ffn:]
+            d_act = dh[:c, ffn:]  # scratch for da·up, then overwritten with d(up)
+            torch.mul(da[:c], u, out=d_act)
+            torch.ops.aten.silu_backward.grad_input(d_act, g, grad_input=dh[:c, :ffn])
+            _silu_into(g, d_act).mul_(da[:c])
+            if dw1 is not None:
+                torch.mm(xs[sl].T, dh[:c], out=dw1[e])
+            if need_x:
+                torch.mm(dh[:c], gate_up[e].T, out=dxs[:c])
+                dflat.index_add_(0, token[sl], dxs[:c])
+        return (dflat if need_x else None), dw1, dw2, None, None, None
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU MLP (the shared expert)."""
 
@@ -66,10 +155,55 @@ class FusedExperts(nn.Module):
             return x_sorted.new_zeros(0, self.down.shape[-1])
         return torch.cat(outs, dim=0)
 
+    def forward_slots(
+        self, flat: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        """Raw expert outputs [T*k,H] in slot order for tokens ``flat`` [T,H].
+
+        ``order`` sorts the T*k slots (slot s = token s//k) by expert, ``counts`` [E] are
+        the slots per expert.
+        """
+        gate_up, down = self.gate_up.to(flat.dtype), self.down.to(flat.dtype)
+        if flat.device.type == "cpu":
+            return _RoutedSwiGLU.apply(flat, gate_up, down, order, counts.tolist(), k)
+        y_sorted = self(flat.index_select(0, order // k), counts)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return _Permute.apply(y_sorted, inverse, order)
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to ``x`` [..., H] (plain reference path)."""
         g, u = (x @ self.gate_up[e]).chunk(2, dim=-1)
         return (F.silu(g) * u) @ self.down[e]
+
+
+class _Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index``; backward gathers with its inverse."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        inverse: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def _combine(raw: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[t,j] * raw[t,j]``: [T,k,H], [T,k] -> [T,H]."""
+    out = raw[:, 0] * weights[:, :1]
+    for j in range(1, raw.shape[1]):
+        out = torch.addcmul(out, raw[:, j], weights[:, j : j + 1])
+    return out
 
 
 class MoELayer(nn.Module):
@@ -117,13 +251,9 @@ class MoELayer(nn.Module):
         slot_expert = route.idx.reshape(-1)  # [T*k], slot s = token s//k, choice s%k
         order = torch.argsort(slot_expert, stable=True)
         counts = torch.bincount(slot_expert, minlength=self.num_experts)
-        x_sorted = flat.index_select(0, order // k)
-        y_sorted = self.experts(x_sorted, counts)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        raw = y_sorted.index_select(0, inverse).view(t, k, shape[-1])  # [T,k,H]
+        raw = self.experts.forward_slots(flat, order, counts, k).view(t, k, shape[-1])  # [T,k,H]
         self.router.record_expert_outputs(raw)
-        out = torch.bmm(route.weights.to(raw.dtype).unsqueeze(1), raw).squeeze(1)
+        out = _combine(raw, route.weights.to(raw.dtype))
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         return out.view(shape)

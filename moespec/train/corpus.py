@@ -67,7 +67,9 @@ def code_documents(max_file_chars: int = MAX_CODE_FILE_CHARS) -> Iterator[str]:
     """Yield standard-library ``.py`` files in sorted path order, skipping tests and huge files."""
     root = stdlib_root()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("test")
+        )
         for name in sorted(filenames):
             if not name.endswith(".py") or name.startswith("test_"):
                 continue

@@ -430,9 +430,7 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     with _file_lock(cache / "locks" / f"{data_key}.lock"):
         if not (data_dir / "meta.json").is_file():
             d, (train_idx, val_idx) = get_docs(tokenizer)
-            domains = (
-                sorted({x for x in d["domain"] if x is not None}) if cfg.domain_field else []
-            )
+            domains = sorted({x for x in d["domain"] if x is not None}) if cfg.domain_field else []
             tokens, doms, offsets = tokenize_documents(
                 d, tokenizer, domains, show_progress=rank == 0
             )

@@ -1,0 +1,33 @@
+"""Where moespec finds its recipes and keeps its build caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package, when running from one."""
+    root = _PACKAGE.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "recipes").is_dir() else None
+
+
+def recipes_dir() -> Path:
+    """The Hydra recipe tree: ``$MOESPEC_RECIPES``, the checkout's ``recipes/`` or the packaged copy."""
+    env = os.environ.get("MOESPEC_RECIPES")
+    if env:
+        return Path(env).expanduser().resolve()
+    root = repo_root()
+    if root is not None:
+        return root / "recipes"
+    return _PACKAGE / "recipes"
+
+
+def torch_extensions_dir() -> Path:
+    """Cache for DeepSpeed's JIT-built ops: the checkout's ignored ``build/`` or the user cache."""
+    root = repo_root()
+    if root is not None:
+        return root / "build" / "torch_extensions"
+    return Path(os.environ.get("MOESPEC_CACHE", Path.home() / ".cache" / "moespec")) / "torch_extensions"

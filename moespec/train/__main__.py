@@ -1,0 +1,100 @@
+"""``python -m moespec.train`` / ``moespec-train``: the Hydra entry point over ``recipes/``.
+
+Runs as one process, under ``torchrun --nproc_per_node N -m moespec.train`` and under
+``deepspeed --num_gpus N --module moespec.train`` (the ``--local_rank`` argument that the
+DeepSpeed launcher appends is accepted and stripped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..paths import recipes_dir, torch_extensions_dir
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from .config import register_configs  # noqa: E402
+
+log = logging.getLogger("moespec")
+register_configs()
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local_rank N`` (DeepSpeed launcher) and keep the rest."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
+def _shared_run_dir(argv: list[str]) -> list[str]:
+    """Under a launcher, give every rank the same run directory (one per launch).
+
+    Hydra's default directory is a timestamp that can differ between ranks by a second;
+    ranks of one launch share their parent process, so its pid and start time name the run.
+    Ranks other than 0 do not write ``.hydra/``.
+    """
+    if "LOCAL_RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return argv
+    if any(a.startswith(("hydra.run.dir=", "-m", "--multirun")) for a in argv):
+        extra = []
+    else:
+        ppid = os.getppid()
+        try:
+            start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except OSError:
+            start = "0"
+        extra = [f"hydra.run.dir=outputs/launch-{ppid}-{start}"]
+    if os.environ.get("RANK", "0") != "0":
+        extra.append("hydra.output_subdir=null")
+    return argv + extra
+
+
+@hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from .config import TrainConfig
+    from .trainer import TrainingError, train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    try:
+        typed: TrainConfig = OmegaConf.to_object(cfg)
+        summary = train(typed, run_dir)
+    except (TrainingError, ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return summary.get("val/loss")
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.argv = [sys.argv[0], *_shared_run_dir(_strip_launcher_args(sys.argv[1:]))]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Checkpoints: DeepSpeed engine state plus moespec's own, complete only once marked so.
+
+A checkpoint is the directory ``<run>/checkpoints/step{N:08d}``. DeepSpeed writes its
+model/optimizer shards there; every rank adds its RNG states; rank 0 writes the trainer
+state and, after a barrier, the ``COMPLETE`` marker (atomically, last). Resumption only
+ever considers directories that carry the marker, so a write interrupted at any point is
+never taken as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+PREFIX = "step"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temp file and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def tag_for(step: int) -> str:
+    """Checkpoint directory name for ``step``."""
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints under ``ckpt_root``, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = complete_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine: Any, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Save engine + trainer state for ``step``; marks it complete last; prunes old ones."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tag = tag_for(step)
+    path = ckpt_root / tag
+    if rank == 0 and path.exists():
+        shutil.rmtree(path)  # an incomplete leftover of the same step
+    _barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"moespec": trainer_state}, save_latest=False)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(rng_state(), path / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        atomic_write_text(path / "trainer_state.json", json.dumps(_jsonable(trainer_state), indent=2))
+        atomic_write_text(path / MARKER, f"step {step}\n")
+        if keep > 0:
+            for old in complete_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
+    """Load engine state from a complete checkpoint; returns the trainer state."""
+    if not (path / MARKER).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["moespec"]
+
+
+def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
+    """``none`` → None; ``auto`` → newest complete checkpoint (or None); else a checkpoint path."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root)
+    path = Path(resume).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"trainer.resume={resume!r}: no such checkpoint directory")
+    if not (path / MARKER).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"trainer.resume={resume!r} holds no complete checkpoint")
+        return latest
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float | int | str | bool) or obj is None:
+        return obj
+    return str(obj)

@@ -1,0 +1,121 @@
+"""The training schema: one dataclass per component, registered in Hydra's ConfigStore.
+
+The recipe tree in ``recipes/`` composes over :class:`TrainConfig`; since the root is a
+structured config, a misspelled key anywhere is an error that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from ..models.tiny import TinyMoEConfig
+from ..moe.config import MoEConfig
+from ..routing.config import LossConfig
+from .data import DataConfig
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters for Hugging Face models (via peft)."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    train_router: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: moespec's tiny MoE LM or a Hugging Face model."""
+
+    type: str = "tiny"
+    tiny: TinyMoEConfig = field(default_factory=TinyMoEConfig)
+    name_or_path: str | None = None
+    config: str | None = None
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    upcycle_experts: int = 0
+    upcycle_top_k: int = 2
+    upcycle_noise: float = 0.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine: ZeRO stage, micro batch, accumulation, clipping, precision."""
+
+    zero_stage: int = 1
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0
+    precision: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Loop length, logging, evaluation, checkpointing and resumption."""
+
+    max_steps: int = 200
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    plot_every: int = 100
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "none"
+    stop_after: int = 0
+    collapse_patience: int = 3
+    progress: bool = True
+    fail_on_nonfinite: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases run settings; offline unless ``mode=online`` or ``WANDB_MODE`` says so."""
+
+    enabled: bool = True
+    project: str = "moespec"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_name: str = "run"
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

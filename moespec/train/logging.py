@@ -1,0 +1,122 @@
+"""Rank-0 logging: wandb (offline unless configured), metrics.jsonl, heat-map PNGs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("moespec")
+
+ROUTING_KEYS = ("maxvio", "variance", "output_overlap", "load_cv", "dead_experts", "domain_mi")
+
+
+def routing_metrics(per_layer: list[dict[str, float]]) -> dict[str, float]:
+    """``routing/<name>`` (mean over layers) and ``layer{i}/routing/<name>`` for every metric."""
+    out: dict[str, float] = {}
+    names = sorted({k for m in per_layer for k in m})
+    for name in names:
+        vals = [m[name] for m in per_layer if name in m]
+        if vals:
+            out[f"routing/{name}"] = float(np.mean(vals))
+        for i, m in enumerate(per_layer):
+            if name in m:
+                out[f"layer{i}/routing/{name}"] = float(m[name])
+    return out
+
+
+def loss_metrics(means: dict[str, float], per_layer: list[dict[str, float]]) -> dict[str, float]:
+    """``loss/<name>`` (mean over layers, unweighted) and ``layer{i}/loss/<name>``."""
+    out = {f"loss/{k}": float(v) for k, v in means.items()}
+    for i, layer in enumerate(per_layer):
+        out.update({f"layer{i}/loss/{k}": float(v) for k, v in layer.items()})
+    return out
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to wandb."""
+
+    def __init__(self, run_dir: Path, wandb_cfg: Any, config: dict[str, Any], run_name: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.plot_dir = run_dir / "plots"
+        self.wandb = None
+        self.wandb_dir: Path | None = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb_cfg.enabled:
+            self._init_wandb(wandb_cfg, config, run_name)
+
+    def _init_wandb(self, cfg: Any, config: dict[str, Any], run_name: str) -> None:
+        import wandb
+
+        mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_name,
+            tags=list(cfg.tags),
+            group=cfg.group,
+            config=config,
+            dir=str(self.run_dir),
+            mode=mode,
+            reinit="finish_previous",
+        )
+        self.wandb_dir = Path(self.wandb.dir).parent if self.wandb is not None else None
+        log.info("wandb run %s (%s) in %s", self.wandb.name, mode, self.wandb_dir)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append ``metrics`` for ``step``."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, int | float) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, allow_nan=True) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def alert(self, step: int, text: str) -> None:
+        """A routing alarm: console warning, metrics row and wandb alert."""
+        log.warning("step %d: %s", step, text)
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, "alert": text}) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.alert(title="moespec routing alarm", text=text)
+            except Exception as err:  # offline runs cannot always send alerts
+                log.debug("wandb alert not sent: %s", err)
+
+    def heatmaps(self, step: int, load: np.ndarray, domain: np.ndarray | None, domains: list[str]) -> list[Path]:
+        """Expert-load (layers × experts) and expert×domain heat maps, as PNGs and wandb images."""
+        if not self.enabled:
+            return []
+        from .plots import plot_domain_heatmap, plot_load_heatmap
+
+        self.plot_dir.mkdir(parents=True, exist_ok=True)
+        paths = [plot_load_heatmap(load, self.plot_dir / f"expert_load_step{step:06d}.png", step)]
+        if domain is not None and domain.size and domains:
+            paths.append(plot_domain_heatmap(domain, domains, self.plot_dir / f"expert_domain_step{step:06d}.png", step))
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({f"plots/{p.stem.rsplit('_step', 1)[0]}": wandb.Image(str(p)) for p in paths}, step=step)
+        return paths
+
+    def finish(self, summary: dict[str, float] | None = None) -> None:
+        """Close the wandb run (writing ``summary``)."""
+        if self.wandb is not None:
+            for k, v in (summary or {}).items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    self.wandb.summary[k] = v
+            self.wandb.finish()
+            self.wandb = None
