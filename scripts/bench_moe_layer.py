@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_deepspeed:
         try:
             os.environ.setdefault(
-                "TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build/torch_extensions")
+                "TORCH_EXTENSIONS_DIR",
+                str(Path(__file__).resolve().parents[1] / "build/torch_extensions"),
             )
             ds = make_deepspeed(ours, args).to(device=device, dtype=dtype)
             check_outputs(ours, {"deepspeed": ds}, x, grad_out)

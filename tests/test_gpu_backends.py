@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-H, I, E = 128, 128, 8
+HIDDEN, FFN, E = 128, 128, 8
 
 
 def _loss_cfg() -> LossConfig:
@@ -41,9 +41,9 @@ def _pair(top_k: int, shared: int) -> tuple[MoELayer, torch.nn.Module]:
     from moespec.moe.megablocks import MegaBlocksMoELayer
 
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=E, top_k=top_k, ffn_size=I, shared_expert_size=shared)
+    moe = MoEConfig(num_experts=E, top_k=top_k, ffn_size=FFN, shared_expert_size=shared)
     native = MoELayer(
-        H, I, moe.router_config(_loss_cfg()), shared_expert_size=shared, layer_index=0
+        HIDDEN, FFN, moe.router_config(_loss_cfg()), shared_expert_size=shared, layer_index=0
     ).cuda()
     mb = MegaBlocksMoELayer.from_native(native)
     assert mb.is_moespec_moe and mb.experts.w1.is_cuda
@@ -66,7 +66,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, *, rel: float, atol: float, what: s
 
 
 def _expert_grads(native: MoELayer, mb) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    e, i, h = E, I, H
+    e, i, h = E, FFN, HIDDEN
     ne = native.experts
     g_gate, g_up = ne.gate_up.grad.chunk(2, dim=-1)
     w = mb.experts
@@ -81,7 +81,7 @@ def _expert_grads(native: MoELayer, mb) -> tuple[list[torch.Tensor], list[torch.
 @pytest.mark.parametrize("top_k,shared", [(2, 0), (1, 0), (2, 64)])
 def test_megablocks_matches_native_float32(top_k, shared):
     native, mb = _pair(top_k, shared)
-    x = torch.randn(4, 32, H, device="cuda")
+    x = torch.randn(4, 32, HIDDEN, device="cuda")
     o_n, l_n, gx_n = _run(native, x)
     o_m, l_m, gx_m = _run(mb, x)
     tol = {"rel": 1e-4, "atol": 1e-4}
@@ -103,7 +103,7 @@ def test_megablocks_matches_native_bfloat16(top_k):
     native, mb = _pair(top_k, 0)
     native.experts.to(torch.bfloat16)
     mb.experts.to(torch.bfloat16)
-    x = torch.randn(4, 32, H, device="cuda").to(torch.bfloat16)
+    x = torch.randn(4, 32, HIDDEN, device="cuda").to(torch.bfloat16)
     o_n, l_n, gx_n = _run(native, x)
     o_m, l_m, gx_m = _run(mb, x)
     tol = {"rel": 2e-2, "atol": 1e-3}

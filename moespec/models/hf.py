@@ -9,6 +9,7 @@ the orthogonality loss. Nothing is added to the model's modules, parameters or o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -385,13 +386,12 @@ def set_model_aux_loss(model: nn.Module, enabled: bool) -> dict[str, Any]:
 
 
 def _restore_model_aux_loss(model: nn.Module, prev: dict[str, Any]) -> None:
-    config = model.config
     value = prev.get("output_router_logits")
     if value is None:
-        if "output_router_logits" in config.__dict__:
-            config.output_router_logits = False
+        with contextlib.suppress(AttributeError):
+            delattr(model.config, "output_router_logits")
     else:
-        config.output_router_logits = value
+        model.config.output_router_logits = value
 
 
 # ------------------------------------------------------------------------- load and save
@@ -437,7 +437,9 @@ def load_hf_model(
 def save_hf_model(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -> Path:
     """``save_pretrained`` into ``out_dir``: loads back in plain transformers, moespec not needed."""
     if not hasattr(model, "save_pretrained"):
-        raise ValueError(f"{type(model).__name__} has no save_pretrained; expected a transformers model")
+        raise ValueError(
+            f"{type(model).__name__} has no save_pretrained; expected a transformers model"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, **kwargs)

@@ -144,11 +144,11 @@ class TinyMoELM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_weights(self, std: float) -> None:
+        """Embeddings and attention get ``std``; MoE layers keep their own init."""
         for name, p in self.named_parameters():
-            if name.endswith("embed_tokens.weight") or (
-                p.dim() == 2 and "router" not in name and "norm" not in name
-            ):
-                nn.init.normal_(p, std=std)
+            if ".mlp." in name or p.dim() < 2:
+                continue
+            nn.init.normal_(p, std=std)
 
     def forward(
         self,

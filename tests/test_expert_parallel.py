@@ -1,0 +1,77 @@
+"""Expert parallelism: 2 ranks with EP=2 give the losses and gradients of one process."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moespec.moe import MoEConfig, build_moe_layer
+from moespec.routing import LossConfig, collect_router_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "workers" / "ep_layer.py"
+HIDDEN, FFN, EXPERTS, TOP_K, TOKENS, WORLD = 16, 24, 4, 2, 24, 2
+
+
+def reference(batch: torch.Tensor) -> dict:
+    """One process, native layer, same seed: per-shard outputs/losses, expert grads summed."""
+    loss = LossConfig()
+    loss.orthogonality.weight = 0.5
+    loss.variance.weight = 0.25
+    torch.manual_seed(0)
+    layer = build_moe_layer(HIDDEN, MoEConfig(num_experts=EXPERTS, top_k=TOP_K, ffn_size=FFN), loss)
+    shards = []
+    for r in range(WORLD):
+        layer.zero_grad()
+        x = batch[r].clone().requires_grad_(True)
+        y = layer(x)
+        task = (y * torch.linspace(-1, 1, HIDDEN)).square().mean()
+        routed = collect_router_losses(layer)
+        (task + routed.total).backward()
+        shards.append(
+            {
+                "y": y.detach(),
+                "losses": {k: v.detach() for k, v in layer.router.raw_losses.items()},
+                "router_grad": layer.router.weight.grad.clone(),
+                "gate_up": layer.experts.gate_up.grad.clone(),
+                "down": layer.experts.down.grad.clone(),
+                "x_grad": x.grad,
+            }
+        )
+    return {
+        "shards": shards,
+        "gate_up": sum(s["gate_up"] for s in shards),
+        "down": sum(s["down"] for s in shards),
+    }
+
+
+@pytest.mark.multiproc
+def test_ep2_matches_single_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node", str(WORLD), "--master_port", str(port), str(WORKER), str(tmp_path), "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batch = torch.randn(WORLD, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
+    ref = reference(batch)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        shard = ref["shards"][r]
+        torch.testing.assert_close(got["y"], shard["y"], **tol)
+        assert set(got["losses"]) == set(shard["losses"]) == {"aux", "variance", "orthogonality"}
+        for name, value in shard["losses"].items():
+            torch.testing.assert_close(got["losses"][name], value, **tol, msg=name)
+        torch.testing.assert_close(got["router_grad"], shard["router_grad"], **tol)
+        torch.testing.assert_close(got["x_grad"], shard["x_grad"], **tol)
+        assert got["expert_ids"] == [2 * r, 2 * r + 1]
+        for i, e in enumerate(got["expert_ids"]):
+            torch.testing.assert_close(got["gate_up_grads"][i], ref["gate_up"][e].T, **tol)
+            torch.testing.assert_close(got["down_grads"][i], ref["down"][e].T, **tol)

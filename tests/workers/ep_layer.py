@@ -1,0 +1,55 @@
+"""Worker: one rank of an expert-parallel DeepSpeed MoE layer; saves what it computed.
+
+Usage: torchrun --nproc_per_node N tests/workers/ep_layer.py OUT_DIR EP_SIZE
+Every rank builds the same layer from the same seed and runs its own shard of one batch.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moespec.moe import MoEConfig, build_moe_layer
+from moespec.routing import LossConfig, collect_router_losses
+from moespec.train.trainer import init_distributed
+
+HIDDEN, FFN, EXPERTS, TOP_K, TOKENS = 16, 24, 4, 2, 24
+
+
+def main() -> None:
+    out_dir, ep = Path(sys.argv[1]), int(sys.argv[2])
+    rank, world = init_distributed()
+    loss = LossConfig()
+    loss.orthogonality.weight = 0.5
+    loss.variance.weight = 0.25
+    torch.manual_seed(0)
+    layer = build_moe_layer(HIDDEN, MoEConfig(backend="deepspeed", num_experts=EXPERTS, top_k=TOP_K, ffn_size=FFN, ep_size=ep), loss)
+    layer.train()
+    batch = torch.randn(world, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
+    x = batch[rank].clone().requires_grad_(True)
+    y = layer(x)
+    task = (y * torch.linspace(-1, 1, HIDDEN)).square().mean()
+    routed = collect_router_losses(layer)
+    (task + routed.total).backward()
+    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    torch.save(
+        {
+            "y": y.detach(),
+            "task": task.detach(),
+            "losses": {k: v.detach() for k, v in layer.router.raw_losses.items()},
+            "total": routed.total.detach(),
+            "router_grad": layer.router.weight.grad,
+            "expert_ids": layer.local_expert_ids(),
+            "gate_up_grads": [e.gate_up.weight.grad for e in experts],
+            "down_grads": [e.down.weight.grad for e in experts],
+            "x_grad": x.grad,
+        },
+        out_dir / f"rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
