@@ -34,9 +34,17 @@ def build_model(real: bool) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -77,8 +85,11 @@ def main() -> None:
     def generate() -> torch.Tensor:
         with torch.inference_mode():
             return model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
             )
 
     controllers = {
@@ -88,10 +99,10 @@ def main() -> None:
     }
     names = list(controllers)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for name in names:
+    for _ in names:
         generate()
     for round_index in range(args.rounds):
-        order = names[round_index % 3:] + names[: round_index % 3]
+        order = names[round_index % 3 :] + names[: round_index % 3]
         for name in order:
             controller = controllers[name]
             if controller is not None:
@@ -112,24 +123,33 @@ def main() -> None:
         [name, f"{statistics.median(times[name]) * 1000:.1f}", f"{ratio(name):.4f}", targets[name]]
         for name in names
     ]
-    model_name = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)" if args.real else (
-        "random SmolLM2-135M-shaped Llama (30 layers x 9 heads)"
+    model_name = (
+        "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+        if args.real
+        else ("random SmolLM2-135M-shaped Llama (30 layers x 9 heads)")
     )
-    body = "\n\n".join([
-        f"Model: {model_name}, float32. Greedy `generate` of {args.new_tokens} new tokens after a "
-        f"{args.prompt_len}-token prompt, {args.rounds} interleaved rounds; ratio = median of "
-        f"per-round ratios against the plain model. Controller: {len(selected)} of "
-        f"{profile.num_layers * profile.num_heads} heads ({args.max_fraction:.0%} cap) "
-        f"in {hooked_layers} layers.",
-        markdown_table(["setting", "median generate (ms)", "ratio vs plain", "target"], rows),
-        "For reference, the paper reports +5% for its own method and +62% for contrastive "
-        "decoding.",
-        markdown_table(
-            ["identify", "seconds per sample", "ratio vs plain prefill"],
-            [[f"score_heads, eager, {args.prompt_len} tokens", f"{identify_s / len(prompts):.4f}",
-              f"{identify_s / prefill_s:.2f}"]],
-        ),
-    ])
+    body = "\n\n".join(
+        [
+            f"Model: {model_name}, float32. Greedy `generate` of {args.new_tokens} new tokens after a "
+            f"{args.prompt_len}-token prompt, {args.rounds} interleaved rounds; ratio = median of "
+            f"per-round ratios against the plain model. Controller: {len(selected)} of "
+            f"{profile.num_layers * profile.num_heads} heads ({args.max_fraction:.0%} cap) "
+            f"in {hooked_layers} layers.",
+            markdown_table(["setting", "median generate (ms)", "ratio vs plain", "target"], rows),
+            "For reference, the paper reports +5% for its own method and +62% for contrastive "
+            "decoding.",
+            markdown_table(
+                ["identify", "seconds per sample", "ratio vs plain prefill"],
+                [
+                    [
+                        f"score_heads, eager, {args.prompt_len} tokens",
+                        f"{identify_s / len(prompts):.4f}",
+                        f"{identify_s / prefill_s:.2f}",
+                    ]
+                ],
+            ),
+        ]
+    )
     print(body)
     write_section("bench_heads", body)
 

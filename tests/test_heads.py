@@ -44,7 +44,9 @@ TEXT = dict(
     pad_token_id=0,
 )
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
-VL_IDS = dict(image_token_id=IMG, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+VL_IDS = dict(
+    image_token_id=IMG, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103
+)
 
 
 def _eager(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,44 +69,75 @@ def build(kind: str, seed: int = 0) -> tuple[torch.nn.Module, list[dict], dict]:
             vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
             config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
         else:
-            vision = dict(depth=1, hidden_size=32, out_hidden_size=32, intermediate_size=32,
-                          num_heads=2, fullatt_block_indexes=[0], window_size=8)
+            vision = dict(
+                depth=1,
+                hidden_size=32,
+                out_hidden_size=32,
+                intermediate_size=32,
+                num_heads=2,
+                fullatt_block_indexes=[0],
+                window_size=8,
+            )
             config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         vision.update(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-        config = config_cls(text_config=dict(TEXT, rope_parameters=MROPE), vision_config=vision, **VL_IDS)
+        config = config_cls(
+            text_config=dict(TEXT, rope_parameters=MROPE), vision_config=vision, **VL_IDS
+        )
         model = model_cls(config)
         inputs = []
         for tail in ([5, 6, 7, 8], [9, 10, 11, 12, 13]):
             ids = torch.tensor([[1, 3, 102] + [IMG] * 4 + [103, *tail]])
-            inputs.append(dict(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=torch.randn(16, 96, generator=gen),
-                image_grid_thw=torch.tensor([[1, 4, 4]]),
-                mm_token_type_ids=(ids == IMG).long(),
-            ))
+            inputs.append(
+                dict(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=torch.randn(16, 96, generator=gen),
+                    image_grid_thw=torch.tensor([[1, 4, 4]]),
+                    mm_token_type_ids=(ids == IMG).long(),
+                )
+            )
         return _warm(_eager(model), inputs)
     if kind == "llava":
         config = LlavaConfig(
             text_config=dict(TEXT, model_type="llama"),
-            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                               patch_size=4, projection_dim=32),
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+                projection_dim=32,
+            ),
             image_token_id=IMG,
         )
         model = LlavaForConditionalGeneration(config)
         inputs = []
         for tail in ([5, 6, 7], [8, 9, 10, 11]):
             ids = torch.tensor([[1, 3] + [IMG] * 16 + tail])
-            inputs.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                               pixel_values=torch.randn(1, 3, 16, 16, generator=gen)))
+            inputs.append(
+                dict(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=torch.randn(1, 3, 16, 16, generator=gen),
+                )
+            )
         return _warm(_eager(model), inputs)
     if kind == "llava_onevision":
         config = LlavaOnevisionConfig(
             text_config=dict(TEXT, model_type="qwen2"),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
-            image_token_id=IMG, video_token_id=101,
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
+            image_token_id=IMG,
+            video_token_id=101,
         )
         model = LlavaOnevisionForConditionalGeneration(config)
     elif kind == "llama":
@@ -132,17 +165,22 @@ def logits(model: torch.nn.Module, item: dict) -> torch.Tensor:
 
 def greedy(model: torch.nn.Module, item: dict, n: int = 6) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(**model_inputs(item), max_new_tokens=n, do_sample=False,
-                              min_new_tokens=n)
+        return model.generate(
+            **model_inputs(item), max_new_tokens=n, do_sample=False, min_new_tokens=n
+        )
 
 
 def make_profile(model: torch.nn.Module, heads: dict, gains: dict | None = None) -> HeadProfile:
     outs = find_attention_output_projections(model)
     layers, nh = len(outs), outs[0].num_heads
     return HeadProfile(
-        model_type=model.config.model_type, num_layers=layers, num_heads=nh,
-        scores=torch.zeros(layers, nh), heads=heads,
-        gains=gains or {"perception": 1.16, "reasoning": 1.30}, thresholds={},
+        model_type=model.config.model_type,
+        num_layers=layers,
+        num_heads=nh,
+        scores=torch.zeros(layers, nh),
+        heads=heads,
+        gains=gains or {"perception": 1.16, "reasoning": 1.30},
+        thresholds={},
     )
 
 
@@ -195,7 +233,10 @@ def test_hook_equals_fold_and_restores(kind: str) -> None:
 def test_restores_when_body_raises(mode: str) -> None:
     model, inputs, _ = build("qwen2_vl")
     before, hooks = snapshot(model), count_hooks(model)
-    with pytest.raises(RuntimeError, match="boom"), HeadController(model, make_profile(model, SOME_HEADS), mode):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        HeadController(model, make_profile(model, SOME_HEADS), mode),
+    ):
         logits(model, inputs[0])
         raise RuntimeError("boom")
     assert count_hooks(model) == hooks
@@ -234,7 +275,7 @@ def test_scores_match_output_attentions(kind: str) -> None:
         ids = item["input_ids"][0]
         if "span" in item:
             mask = torch.zeros_like(ids, dtype=torch.bool)
-            mask[item["span"][0]: item["span"][1]] = True
+            mask[item["span"][0] : item["span"][1]] = True
         else:
             mask = ids == IMG
         with torch.no_grad():
@@ -282,11 +323,11 @@ def test_forced_image_head_scores_one_and_is_perception() -> None:
         attn = text.layers[layer].self_attn
         q_row = head * dim + 3
         k_row = (head // 2) * dim + 3
-        attn.q_proj.weight[q_row - 3: q_row + 5] = 0.0
-        attn.q_proj.bias[q_row - 3: q_row + 5] = 0.0
+        attn.q_proj.weight[q_row - 3 : q_row + 5] = 0.0
+        attn.q_proj.bias[q_row - 3 : q_row + 5] = 0.0
         attn.q_proj.weight[q_row, 1] = big
-        attn.k_proj.weight[k_row - 3: k_row + 5] = 0.0
-        attn.k_proj.bias[k_row - 3: k_row + 5] = 0.0
+        attn.k_proj.weight[k_row - 3 : k_row + 5] = 0.0
+        attn.k_proj.bias[k_row - 3 : k_row + 5] = 0.0
         attn.k_proj.weight[k_row, 0] = big
     scores = score_heads(model, inputs)
     assert scores[layer, head] > 0.999
@@ -310,7 +351,9 @@ def test_select_heads_thresholds_and_cap() -> None:
     gains = capped.gain_matrix()
     assert gains[0, 0] == pytest.approx(1.16) and gains[3, 0] == pytest.approx(1.30)
     assert int((gains != 1.0).sum()) == 4
-    custom = select_heads(scores, HeadSelectionConfig(l_perc=1, tau_perc=0.5, l_reas=4, tau_reas=0.001))
+    custom = select_heads(
+        scores, HeadSelectionConfig(l_perc=1, tau_perc=0.5, l_reas=4, tau_reas=0.001)
+    )
     assert custom.heads == {"perception": [(0, 0)], "reasoning": []}
 
 
@@ -329,12 +372,24 @@ def test_selection_config_rejects_bad_values(kwargs: dict, match: str) -> None:
 
 def test_profile_json_round_trip(tmp_path) -> None:
     scores = torch.rand(5, 3)
-    profile = select_heads(scores, HeadSelectionConfig(tau_perc=0.5, tau_reas=0.2),
-                           model_type="llama", metadata={"samples": 4})
+    profile = select_heads(
+        scores,
+        HeadSelectionConfig(tau_perc=0.5, tau_reas=0.2),
+        model_type="llama",
+        metadata={"samples": 4},
+    )
     path = profile.save(tmp_path / "p.json")
     data = json.loads(path.read_text())
-    for key in ("schema_version", "model_type", "num_layers", "num_heads", "scores", "heads",
-                "gains", "thresholds"):
+    for key in (
+        "schema_version",
+        "model_type",
+        "num_layers",
+        "num_heads",
+        "scores",
+        "heads",
+        "gains",
+        "thresholds",
+    ):
         assert key in data
     loaded = HeadProfile.load(path)
     assert loaded.heads == profile.heads and loaded.gains == profile.gains
@@ -348,10 +403,18 @@ def test_profile_json_round_trip(tmp_path) -> None:
 
 def test_profile_for_other_model_is_rejected() -> None:
     model, _, _ = build("llama")
-    wrong = HeadProfile(model_type="qwen2_vl", num_layers=3, num_heads=8, scores=torch.zeros(3, 8),
-                        heads={"perception": [(0, 5)], "reasoning": []},
-                        gains={"perception": 1.16, "reasoning": 1.3}, thresholds={})
-    with pytest.raises(ValueError, match=r"3 layers x 8 heads.*LlamaForCausalLM has 3 layers x 4 heads"):
+    wrong = HeadProfile(
+        model_type="qwen2_vl",
+        num_layers=3,
+        num_heads=8,
+        scores=torch.zeros(3, 8),
+        heads={"perception": [(0, 5)], "reasoning": []},
+        gains={"perception": 1.16, "reasoning": 1.3},
+        thresholds={},
+    )
+    with pytest.raises(
+        ValueError, match=r"3 layers x 8 heads.*LlamaForCausalLM has 3 layers x 4 heads"
+    ):
         HeadController(model, wrong)
     with pytest.raises(ValueError, match="unknown mode 'fuse'"):
         HeadController(model, make_profile(model, SOME_HEADS), mode="fuse")
@@ -377,10 +440,23 @@ def test_mla_heads_are_discovered() -> None:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     config = DeepseekV3Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
-        kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=6,
     )
     torch.manual_seed(0)
     model = _eager(DeepseekV3ForCausalLM(config))

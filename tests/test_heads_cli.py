@@ -25,11 +25,52 @@ from moespec.heads import HeadProfile
 from moespec.heads.cli import CONFIG_DIR, main, run
 from moespec.heads.data import ExampleError, PromptEncoder, load_examples
 
-WORDS = (
-    "what is the color of this image picture answer a b c d red green blue yes no user assistant "
-    "system : . ? , the cat sat on mat dog ran in park where did go with option letter from given "
-    "choices directly"
-).split()
+WORDS = [
+    "what",
+    "is",
+    "the",
+    "color",
+    "of",
+    "this",
+    "image",
+    "picture",
+    "answer",
+    "a",
+    "b",
+    "c",
+    "d",
+    "red",
+    "green",
+    "blue",
+    "yes",
+    "no",
+    "user",
+    "assistant",
+    "system",
+    ":",
+    ".",
+    "?",
+    ",",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "ran",
+    "in",
+    "park",
+    "where",
+    "did",
+    "go",
+    "with",
+    "option",
+    "letter",
+    "from",
+    "given",
+    "choices",
+    "directly",
+]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {% if m['content'] is string %}{{ m['content'] }}"
@@ -48,16 +89,29 @@ def tokenizer() -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", extra_special_tokens=["<image>"],
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=["<image>"],
     )
     tok.chat_template = TEMPLATE
     return tok
 
 
-TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +130,30 @@ def vl_model_dir(tmp_path_factory) -> Path:
     tok = tokenizer()
     config = LlavaConfig(
         text_config=dict(TEXT, model_type="llama"),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=16,
-                           patch_size=4, projection_dim=32),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        ),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
     LlavaForConditionalGeneration(config).save_pretrained(path)
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
     )
-    LlavaProcessor(image_processor=image_processor, tokenizer=tok, chat_template=TEMPLATE,
-                   patch_size=4, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(path)
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=TEMPLATE,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(path)
     return path
 
 
@@ -112,35 +178,58 @@ def config(tmp_path: Path, *overrides: str):
 TEXT_ROWS = [
     {"text": "the cat sat on the mat", "question": "where did the cat go ?", "span": [0, 22]},
     {"text": "a dog ran <ctx>in the park</ctx> with a cat", "question": "where did the dog go ?"},
-    {"text": "the red cat", "question": "what is the color ?",
-     "choices": ["red", "green", "blue"], "answer": "A"},
+    {
+        "text": "the red cat",
+        "question": "what is the color ?",
+        "choices": ["red", "green", "blue"],
+        "answer": "A",
+    },
 ]
 
 
 def test_text_identify_apply_eval(tmp_path: Path, text_model_dir: Path) -> None:
     data = write_jsonl(tmp_path / "calib.jsonl", TEXT_ROWS)
-    summary = run(config(tmp_path, "command=identify", f"model.dir={text_model_dir}",
-                         f"data.calibration={data}", "selection.tau_perc=0.3",
-                         "selection.tau_reas=0.1", "selection.l_reas=1"))
+    summary = run(
+        config(
+            tmp_path,
+            "command=identify",
+            f"model.dir={text_model_dir}",
+            f"data.calibration={data}",
+            "selection.tau_perc=0.3",
+            "selection.tau_reas=0.1",
+            "selection.l_reas=1",
+        )
+    )
     assert summary["samples"] == 3 and summary["heads"] == 12
     profile = HeadProfile.load(tmp_path / "profile.json")
     assert (profile.num_layers, profile.num_heads, profile.model_type) == (3, 4, "llama")
     assert profile.thresholds["tau_perc"] == 0.3 and profile.metadata["samples"] == 3
     assert (tmp_path / "heat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    run(config(tmp_path, "command=apply", f"model.dir={text_model_dir}", f"data.input={data}",
-               "controller.mode=fold"))
+    run(
+        config(
+            tmp_path,
+            "command=apply",
+            f"model.dir={text_model_dir}",
+            f"data.input={data}",
+            "controller.mode=fold",
+        )
+    )
     answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 3 and all(isinstance(a["output"], str) for a in answers)
 
-    bench = write_jsonl(tmp_path / "bench.jsonl", [
-        TEXT_ROWS[2],
-        {"question": "is the cat red ?", "answer": "yes"},
-        {"question": 5},
-        "not an object",
-    ])
-    report = run(config(tmp_path, "command=eval", f"model.dir={text_model_dir}",
-                        f"data.benchmark={bench}"))
+    bench = write_jsonl(
+        tmp_path / "bench.jsonl",
+        [
+            TEXT_ROWS[2],
+            {"question": "is the cat red ?", "answer": "yes"},
+            {"question": 5},
+            "not an object",
+        ],
+    )
+    report = run(
+        config(tmp_path, "command=eval", f"model.dir={text_model_dir}", f"data.benchmark={bench}")
+    )
     assert report["total"] == 4 and report["scored"] == 2 and report["failed"] == 2
     reasons = " ".join(f["reason"] for f in report["failures"])
     assert "bench.jsonl:3: 'question' must be a string" in reasons
@@ -170,35 +259,68 @@ def image(path: Path, color: tuple[int, int, int]) -> str:
 def test_vl_identify_and_eval_reports_missing_image(tmp_path: Path, vl_model_dir: Path) -> None:
     rows = [
         {"image": image(tmp_path / "r.png", (255, 0, 0)), "question": "what is the color ?"},
-        {"image": image(tmp_path / "g.png", (0, 255, 0)), "question": "what is the color ?",
-         "choices": ["red", "green"], "answer": 1},
+        {
+            "image": image(tmp_path / "g.png", (0, 255, 0)),
+            "question": "what is the color ?",
+            "choices": ["red", "green"],
+            "answer": 1,
+        },
     ]
     calib = write_jsonl(tmp_path / "calib.jsonl", rows)
-    summary = run(config(tmp_path, "command=identify", f"model.dir={vl_model_dir}",
-                         f"data.calibration={calib}", "selection.max_fraction=0.25"))
+    summary = run(
+        config(
+            tmp_path,
+            "command=identify",
+            f"model.dir={vl_model_dir}",
+            f"data.calibration={calib}",
+            "selection.max_fraction=0.25",
+        )
+    )
     assert summary["perception"] + summary["reasoning"] <= 3
     profile = HeadProfile.load(tmp_path / "profile.json")
     assert profile.model_type == "llava" and profile.scores.shape == (3, 4)
     # 16 image tokens out of ~30 positions: plenty of mass lands on the image
     assert float(profile.scores.mean()) > 0.2
 
-    missing = write_jsonl(tmp_path / "missing.jsonl", [rows[0], {"image": "nope.png", "question": "?"}])
+    missing = write_jsonl(
+        tmp_path / "missing.jsonl", [rows[0], {"image": "nope.png", "question": "?"}]
+    )
     with pytest.raises(ExampleError, match=r"missing.jsonl:2: image file 'nope.png' not found"):
-        run(config(tmp_path, "command=identify", f"model.dir={vl_model_dir}",
-                   f"data.calibration={missing}"))
+        run(
+            config(
+                tmp_path,
+                "command=identify",
+                f"model.dir={vl_model_dir}",
+                f"data.calibration={missing}",
+            )
+        )
 
-    bench = write_jsonl(tmp_path / "bench.jsonl", [rows[1], {"image": "gone.png", "question": "?",
-                                                              "answer": "red"}])
-    report = run(config(tmp_path, "command=eval", f"model.dir={vl_model_dir}",
-                        f"data.benchmark={bench}", "controller.mode=fold"))
+    bench = write_jsonl(
+        tmp_path / "bench.jsonl", [rows[1], {"image": "gone.png", "question": "?", "answer": "red"}]
+    )
+    report = run(
+        config(
+            tmp_path,
+            "command=eval",
+            f"model.dir={vl_model_dir}",
+            f"data.benchmark={bench}",
+            "controller.mode=fold",
+        )
+    )
     assert report["scored"] == 1 and report["failed"] == 1
     assert "image file 'gone.png' not found" in report["failures"][0]["reason"]
 
 
 def test_bad_inputs_give_clear_errors(tmp_path: Path, text_model_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model directory .*nowhere does not exist"):
-        run(config(tmp_path, "command=identify", f"model.dir={tmp_path / 'nowhere'}",
-                   f"data.calibration={write_jsonl(tmp_path / 'c.jsonl', TEXT_ROWS)}"))
+        run(
+            config(
+                tmp_path,
+                "command=identify",
+                f"model.dir={tmp_path / 'nowhere'}",
+                f"data.calibration={write_jsonl(tmp_path / 'c.jsonl', TEXT_ROWS)}",
+            )
+        )
     with pytest.raises(ValueError, match="command='tune'; valid: identify, apply, eval"):
         run(config(tmp_path, "command=tune", f"model.dir={text_model_dir}"))
     with pytest.raises(ValueError, match="data.calibration is required"):
@@ -207,31 +329,60 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, text_model_dir: Path) -> N
     with pytest.raises(ExampleError, match=r"s.jsonl:1: 'span' must be \[start, end\]"):
         load_examples(bad_span)
     with pytest.raises(FileNotFoundError, match="head profile .*absent.json does not exist"):
-        run(config(tmp_path, "command=apply", f"model.dir={text_model_dir}",
-                   f"data.input={tmp_path / 'c.jsonl'}", f"controller.profile={tmp_path / 'absent.json'}"))
+        run(
+            config(
+                tmp_path,
+                "command=apply",
+                f"model.dir={text_model_dir}",
+                f"data.input={tmp_path / 'c.jsonl'}",
+                f"controller.profile={tmp_path / 'absent.json'}",
+            )
+        )
 
 
 def test_profile_of_other_model_is_rejected_by_apply(tmp_path: Path, text_model_dir: Path) -> None:
     data = write_jsonl(tmp_path / "c.jsonl", TEXT_ROWS)
-    HeadProfile(model_type="qwen2", num_layers=5, num_heads=4, scores=torch.zeros(5, 4),
-                heads={"perception": [], "reasoning": [(4, 1)]},
-                gains={"perception": 1.16, "reasoning": 1.3}, thresholds={}).save(tmp_path / "p.json")
+    HeadProfile(
+        model_type="qwen2",
+        num_layers=5,
+        num_heads=4,
+        scores=torch.zeros(5, 4),
+        heads={"perception": [], "reasoning": [(4, 1)]},
+        gains={"perception": 1.16, "reasoning": 1.3},
+        thresholds={},
+    ).save(tmp_path / "p.json")
     with pytest.raises(ValueError, match="5 layers x 4 heads .* has 3 layers x 4 heads"):
-        run(config(tmp_path, "command=apply", f"model.dir={text_model_dir}", f"data.input={data}",
-                   f"controller.profile={tmp_path / 'p.json'}"))
+        run(
+            config(
+                tmp_path,
+                "command=apply",
+                f"model.dir={text_model_dir}",
+                f"data.input={data}",
+                f"controller.profile={tmp_path / 'p.json'}",
+            )
+        )
 
 
 def test_hydra_entry_point(tmp_path: Path, text_model_dir: Path, monkeypatch, capsys) -> None:
     data = write_jsonl(tmp_path / "calib.jsonl", TEXT_ROWS)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [
-        "moespec-heads", "command=identify", f"model.dir={text_model_dir}",
-        f"data.calibration={data}", "progress=false",
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "moespec-heads",
+            "command=identify",
+            f"model.dir={text_model_dir}",
+            f"data.calibration={data}",
+            "progress=false",
+        ],
+    )
     main()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["samples"] == 3
-    assert (tmp_path / "heads_profile.json").is_file() and (tmp_path / "heads_heatmap.png").is_file()
+    assert (tmp_path / "heads_profile.json").is_file() and (
+        tmp_path / "heads_heatmap.png"
+    ).is_file()
 
 
 @pytest.mark.slow
@@ -240,22 +391,40 @@ def test_smollm2_gguf_span_identify_and_apply(tmp_path: Path) -> None:
 
     gguf = smollm2_gguf_path()
     rows = [
-        {"text": "<ctx>The Eiffel Tower is in Paris, the capital of France.</ctx>",
-         "question": "What is the capital of France?"},
-        {"text": "Notes: <ctx>Tom has three apples and buys two more.</ctx> End of notes.",
-         "question": "How many apples does Tom have now?"},
-        {"text": "The river Thames flows through London.", "span": [0, 38],
-         "question": "Which city does the Thames flow through?"},
+        {
+            "text": "<ctx>The Eiffel Tower is in Paris, the capital of France.</ctx>",
+            "question": "What is the capital of France?",
+        },
+        {
+            "text": "Notes: <ctx>Tom has three apples and buys two more.</ctx> End of notes.",
+            "question": "How many apples does Tom have now?",
+        },
+        {
+            "text": "The river Thames flows through London.",
+            "span": [0, 38],
+            "question": "Which city does the Thames flow through?",
+        },
     ]
     data = write_jsonl(tmp_path / "calib.jsonl", rows)
     model = [f"model.dir={gguf.parent}", f"model.gguf_file={gguf.name}"]
-    summary = run(config(tmp_path, "command=identify", *model, f"data.calibration={data}",
-                         "selection.max_fraction=0.06"))
+    summary = run(
+        config(
+            tmp_path,
+            "command=identify",
+            *model,
+            f"data.calibration={data}",
+            "selection.max_fraction=0.06",
+        )
+    )
     profile = HeadProfile.load(tmp_path / "profile.json")
     assert (profile.num_layers, profile.num_heads) == (30, 9)
     assert 0 < summary["perception"] + summary["reasoning"] <= int(0.06 * 270)
     assert bool((profile.scores >= 0).all()) and bool((profile.scores <= 1.0 + 1e-5).all())
-    run(config(tmp_path, "command=apply", *model, f"data.input={data}", "generation.max_new_tokens=12"))
+    run(
+        config(
+            tmp_path, "command=apply", *model, f"data.input={data}", "generation.max_new_tokens=12"
+        )
+    )
     answers = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 3
     assert "paris" in answers[0]["output"].lower()

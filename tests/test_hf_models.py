@@ -220,6 +220,26 @@ def test_detach_leaves_nothing(arch: str) -> None:
     assert model.config.output_router_logits == before
 
 
+def test_activation_checkpointing_keeps_losses_and_grads() -> None:
+    grads, means = [], []
+    for checkpointing in (False, True):
+        model = make_model("mixtral").train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        with attach(model, loss_config(ortho=1.0)) as handle:
+            ids = batch()
+            out = model(ids, labels=ids)
+            got = handle.collect_losses()
+            (out.loss + got.total).backward()
+            means.append(got.means)
+            grads.append([p.gate.weight.grad.clone() for p in handle])
+            counts = handle.probes[0].stats.slot_counts.sum()
+            assert counts == ids.numel() * 2  # stats recorded once, not again in backward
+    assert means[0] == pytest.approx(means[1])
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_collect_from_model_matches_handle() -> None:
     model = make_model("qwen3_moe").train()
     with attach(model, loss_config()) as handle:
@@ -371,10 +391,10 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 
 
 def _train_steps(model, ids, steps: int, lr: float) -> list[float]:
-    """SGD on LM loss + moespec routing losses; returns the LM losses."""
+    """SGD on LM loss + moespec routing losses (β, γ calibrated); returns the LM losses."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
-    with attach(model.train(), loss_config(ortho=1e-2)) as handle:
+    with attach(model.train(), loss_config(ortho="auto", var="auto")) as handle:
         for _ in range(steps):
             opt.zero_grad()
             out = model(ids, labels=ids)

@@ -40,9 +40,14 @@ def _markers(cfg: DictConfig) -> tuple[str, str]:
 
 def _load(cfg: DictConfig, attn: str | None) -> tuple[torch.nn.Module, PromptEncoder]:
     model, processor = load_model(
-        cfg.model.dir, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype, attn_implementation=attn
+        cfg.model.dir,
+        gguf_file=cfg.model.gguf_file,
+        dtype=cfg.model.dtype,
+        attn_implementation=attn,
     )
-    return model, PromptEncoder(processor, chat_template=cfg.prompt.chat_template, system=cfg.prompt.system)
+    return model, PromptEncoder(
+        processor, chat_template=cfg.prompt.chat_template, system=cfg.prompt.system
+    )
 
 
 def identify(cfg: DictConfig) -> dict[str, Any]:
@@ -52,7 +57,9 @@ def identify(cfg: DictConfig) -> dict[str, Any]:
     model, encoder = _load(cfg, "eager")
     image_token_id = cfg.image_token_id
     if image_token_id is None:
-        image_token_id = getattr(encoder.processor, "image_token_id", None) or image_token_id_of(model)
+        image_token_id = getattr(encoder.processor, "image_token_id", None) or image_token_id_of(
+            model
+        )
     inputs = (
         encoder.encode(ex, with_span=ex.image is None)
         for ex in tqdm(examples, desc="identify", disable=not cfg.progress)
@@ -119,8 +126,14 @@ def evaluate_command(cfg: DictConfig) -> dict[str, Any]:
     profile, mode = _profile_and_mode(cfg)
     model, encoder = _load(cfg, None)
     report = evaluate(
-        model, encoder, examples, profile, mode=mode,
-        max_new_tokens=cfg.generation.max_new_tokens, failures=failures, progress=cfg.progress,
+        model,
+        encoder,
+        examples,
+        profile,
+        mode=mode,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        failures=failures,
+        progress=cfg.progress,
     )
     report["benchmark"] = str(path)
     out_path = Path(cfg.output.report)

@@ -58,7 +58,9 @@ def parse_example(
         image = Path(data["image"])
         image = image if image.is_absolute() else base_dir / image
         if not image.is_file():
-            raise ExampleError(f"{source}: image file '{data['image']}' not found (looked at {image})")
+            raise ExampleError(
+                f"{source}: image file '{data['image']}' not found (looked at {image})"
+            )
     span = _parse_span(data.get("span"), text, source, markers)
     if span is not None and text is not None and markers[0] in text:
         text = text.replace(markers[0], "").replace(markers[1], "")
@@ -71,10 +73,14 @@ def parse_example(
     if answer is not None:
         if isinstance(answer, int) and choices:
             if not 0 <= answer < len(choices):
-                raise ExampleError(f"{source}: answer index {answer} is not in 0..{len(choices) - 1}")
+                raise ExampleError(
+                    f"{source}: answer index {answer} is not in 0..{len(choices) - 1}"
+                )
             answer = _LETTERS[answer]
         answer = str(answer)
-    return Example(source, question, text, image, [str(c) for c in choices or []] or None, answer, span)
+    return Example(
+        source, question, text, image, [str(c) for c in choices or []] or None, answer, span
+    )
 
 
 def _parse_span(
@@ -84,7 +90,9 @@ def _parse_span(
     has_marker = text is not None and markers[0] in text
     if span is not None:
         if has_marker:
-            raise ExampleError(f"{source}: give either 'span' or {markers[0]}...{markers[1]}, not both")
+            raise ExampleError(
+                f"{source}: give either 'span' or {markers[0]}...{markers[1]}, not both"
+            )
         if text is None:
             raise ExampleError(f"{source}: 'span' needs a 'text' field to point into")
         ok = isinstance(span, list) and len(span) == 2 and all(isinstance(s, int) for s in span)
@@ -183,7 +191,10 @@ class PromptEncoder:
         rendered = self._render_text(user_text.replace(context, marked, 1))
         before, rest = rendered.split(_OPEN, 1)
         inside, after = rest.split(_CLOSE, 1)
-        pieces = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in (before, inside, after)]
+        pieces = [
+            self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            for p in (before, inside, after)
+        ]
         if not pieces[1]:
             raise ExampleError(f"{example.source}: the context span is empty after tokenization")
         ids = torch.tensor([pieces[0] + pieces[1] + pieces[2]])

@@ -32,9 +32,13 @@ def is_correct(prediction: str, example: Example) -> bool:
     if example.choices:
         answer = example.answer.strip()
         if len(answer) != 1 or not answer.isalpha():
-            matches = [i for i, c in enumerate(example.choices) if normalize(c) == normalize(answer)]
+            matches = [
+                i for i, c in enumerate(example.choices) if normalize(c) == normalize(answer)
+            ]
             if not matches:
-                raise ValueError(f"{example.source}: answer {answer!r} is neither a letter nor a choice")
+                raise ValueError(
+                    f"{example.source}: answer {answer!r} is neither a letter nor a choice"
+                )
             answer = chr(ord("A") + matches[0])
         found = _LETTER.search(prediction.strip())
         return found is not None and found.group(1) == answer.upper()

@@ -59,7 +59,9 @@ def load_model(
     return model.eval(), processor
 
 
-def generate(model: nn.Module, inputs: dict[str, Any], max_new_tokens: int, eos: Any = None) -> torch.Tensor:
+def generate(
+    model: nn.Module, inputs: dict[str, Any], max_new_tokens: int, eos: Any = None
+) -> torch.Tensor:
     """Greedy generation for one prompt; returns only the new token ids."""
     batch = {k: v for k, v in inputs.items() if k != "span"}
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False}
@@ -67,4 +69,4 @@ def generate(model: nn.Module, inputs: dict[str, Any], max_new_tokens: int, eos:
         kwargs["pad_token_id"] = eos
     with torch.inference_mode():
         out = model.generate(**batch, **kwargs)
-    return out[0, batch["input_ids"].shape[-1]:]
+    return out[0, batch["input_ids"].shape[-1] :]

@@ -22,7 +22,9 @@ def save_heatmap(profile: HeadProfile, path: str | Path) -> Path:
     fig.colorbar(image, ax=ax, label="attention mass on context")
     for label, cls, color in (("P", "perception", "white"), ("R", "reasoning", "red")):
         for layer, head in profile.heads.get(cls, []):
-            ax.text(head, layer, label, ha="center", va="center", color=color, fontsize=7, weight="bold")
+            ax.text(
+                head, layer, label, ha="center", va="center", color=color, fontsize=7, weight="bold"
+            )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     n_p, n_r = len(profile.heads.get("perception", [])), len(profile.heads.get("reasoning", []))

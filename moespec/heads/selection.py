@@ -145,7 +145,9 @@ class HeadProfile:
         return cls.from_dict(data, source=str(path))
 
 
-def _cap(candidates: dict[str, list[Head]], scores: torch.Tensor, limit: int) -> dict[str, list[Head]]:
+def _cap(
+    candidates: dict[str, list[Head]], scores: torch.Tensor, limit: int
+) -> dict[str, list[Head]]:
     """Keep at most ``limit`` heads, split by class size (largest remainder), most extreme first."""
     total = sum(len(v) for v in candidates.values())
     if total <= limit:

@@ -176,6 +176,16 @@ class HFRouterProbe(Router):
             self._pending_outputs = False
         return out
 
+    def replay(self, hidden_states: torch.Tensor, gate_output: tuple[torch.Tensor, ...]) -> None:
+        """Recomputation inside backward (activation checkpointing): redo the same ops so the
+        checkpoint sees the same saved tensors, but keep the losses and stats of the forward."""
+        kept, track = self.raw_losses, self.track_stats
+        self.track_stats = False
+        try:
+            self.observe(hidden_states, gate_output)
+        finally:
+            self.raw_losses, self.track_stats = kept, track
+
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """Route ``x`` [T,H] with the block's own gate (no hooks) and record the losses."""
         return self.observe(x, self.gate.forward(x))
@@ -324,15 +334,16 @@ def attach(
 
 def _make_gate_hook(probe: HFRouterProbe):
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if torch._C._current_graph_task_id() != -1:
-            return  # recomputation inside backward (activation checkpointing): already recorded
         if not isinstance(output, tuple) or len(output) < 3:
             raise ValueError(
                 f"{type(module).__name__} returned {type(output).__name__}; expected the "
                 f"transformers v5 tuple (router_logits, top_k_weights, top_k_index)"
             )
         probe.training = module.training
-        probe.observe(args[0], output)
+        if torch._C._current_graph_task_id() == -1:
+            probe.observe(args[0], output)
+        else:
+            probe.replay(args[0], output)
 
     return hook
 

@@ -42,6 +42,12 @@ class MoEConfig:
         """Raise ``ValueError`` naming the first invalid field."""
         if self.backend not in BACKENDS:
             raise ValueError(f"moe.backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"moe.top_k={self.top_k} with moe.num_experts={self.num_experts}; valid: 1 <= top_k <= num_experts"
+            )
         if self.ffn_size < 1:
             raise ValueError(f"moe.ffn_size must be >= 1, got {self.ffn_size}")
         if self.shared_expert_size < 0:

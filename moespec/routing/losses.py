@@ -70,10 +70,24 @@ def variance_loss(scores: torch.Tensor) -> torch.Tensor:
     return scores.var(dim=-1, unbiased=True).mean()
 
 
+class _Gram(torch.autograd.Function):
+    """``Y Yᵀ`` per batch with the one-matmul backward ``(dG + dGᵀ) Y`` (autograd's takes two)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        return torch.bmm(y, y.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), y)
+
+
 def gram(expert_outputs: torch.Tensor) -> torch.Tensor:
     """Per-token Gram matrix ``G[t,i,j] = <y_ti, y_tj>`` of the k raw outputs [T,k,H]."""
     y = expert_outputs.to(_compute_dtype(expert_outputs))
-    return torch.bmm(y, y.transpose(1, 2))
+    return _Gram.apply(y)
 
 
 def orthogonality_loss(expert_outputs: torch.Tensor, variant: str = "projection") -> torch.Tensor:

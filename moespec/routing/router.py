@@ -189,9 +189,24 @@ def _global_load_balancing(
 # ---------------------------------------------------------------------- collection
 
 
+ATTACHED_ROUTER_ATTR = "_moespec_router"
+
+
 def iter_routers(model: nn.Module) -> list[Router]:
-    """Every moespec router in ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, Router)]
+    """Every moespec router in ``model``, in module order.
+
+    Besides ``Router`` submodules this finds routers attached to foreign MoE blocks (Hugging
+    Face models), which live in the block's ``__dict__`` so that they stay out of its state.
+    """
+    out = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            out.append(m)
+            continue
+        attached = m.__dict__.get(ATTACHED_ROUTER_ATTR)
+        if isinstance(attached, Router):
+            out.append(attached)
+    return out
 
 
 def set_token_context(model: nn.Module, context: TokenContext | None) -> None:

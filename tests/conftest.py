@@ -1,0 +1,57 @@
+"""Shared fixtures: a session cache for data/tokenizers and a runner for the training CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def moespec_cache(tmp_path_factory) -> Path:
+    """One data/tokenizer cache for the whole session (built once, read by every run)."""
+    return tmp_path_factory.mktemp("moespec_cache")
+
+
+@pytest.fixture(scope="session")
+def train_env(moespec_cache) -> dict[str, str]:
+    """Environment for training subprocesses: offline wandb, shared caches, one thread."""
+    return {
+        **os.environ,
+        "MOESPEC_CACHE": str(moespec_cache),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / "build" / "torch_extensions"),
+    }
+
+
+@pytest.fixture(scope="session")
+def run_train(train_env):
+    """``run_train(args, launcher=None)``: run ``python -m moespec.train ARGS`` and return the process."""
+
+    def run(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600, env=None):
+        cmd = (launcher or [sys.executable, "-m"]) + ["moespec.train", *args]
+        return subprocess.run(
+            cmd, env={**train_env, **(env or {})}, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def read_metrics():
+    """``read_metrics(run_dir)``: rows of ``metrics.jsonl`` (alerts excluded)."""
+
+    def read(run_dir: Path) -> list[dict]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "alert" not in r]
+
+    return read

@@ -1,0 +1,109 @@
+"""The training CLI end to end: recipe composition, logging, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+FAST = ["experiment=smoke", "trainer.progress=false", "trainer.plot_every=100", "trainer.eval_every=100"]
+REQUIRED_KEYS = {
+    "train/loss",
+    "train/lm_loss",
+    "loss/aux",
+    "loss/orthogonality",
+    "loss/variance",
+    "routing/maxvio",
+    "routing/variance",
+    "routing/output_overlap",
+    "routing/load_cv",
+    "routing/dead_experts",
+    "routing/domain_mi",
+}
+
+
+def _model_states(run_dir: Path) -> dict:
+    ckpts = sorted((run_dir / "checkpoints").glob("step*"))
+    assert ckpts and (ckpts[-1] / "COMPLETE").is_file()
+    return torch.load(ckpts[-1] / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.mark.multiproc
+def test_smoke_override_reaches_router(run_train, read_metrics, tmp_path):
+    run_dir = tmp_path / "D"
+    proc = run_train(["experiment=smoke", "loss.orthogonality.weight=0.37", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["loss"]["orthogonality"]["weight"] == 0.37
+    rows = read_metrics(run_dir)
+    keys = set().union(*rows)
+    assert REQUIRED_KEYS <= keys, REQUIRED_KEYS - keys
+    assert {"layer0/routing/maxvio", "layer1/loss/orthogonality", "val/loss"} <= keys
+    assert any(k.startswith("val/loss/") for k in keys)
+    assert all(r["weights/beta"] == pytest.approx(0.37) for r in rows if "weights/beta" in r)
+    # The router that trained carried 0.37: its buffer is in the checkpointed module state.
+    betas = [v for k, v in _model_states(run_dir).items() if k.endswith("loss_weights.beta")]
+    assert len(betas) == 2 and all(float(b) == pytest.approx(0.37) for b in betas)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert list((run_dir / "plots").glob("expert_load_step*.png"))
+    assert list((run_dir / "plots").glob("expert_domain_step*.png"))
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_stages_train_and_loss_falls(run_train, read_metrics, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    proc = run_train(
+        [*FAST, f"deepspeed=zero{stage}", "deepspeed.micro_batch_size=4", "trainer.max_steps=16",
+         "trainer.log_every=4", "trainer.save_every=100", f"hydra.run.dir={run_dir}"]
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = [r["train/lm_loss"] for r in read_metrics(run_dir) if "train/lm_loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
+
+
+@pytest.mark.multiproc
+def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
+    common = [*FAST, "trainer.max_steps=8", "trainer.log_every=1", "trainer.save_every=100", "loss=specialization"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    proc = run_train([*common, f"hydra.run.dir={full}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_train([*common, "trainer.stop_after=4", f"hydra.run.dir={part}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (part / "checkpoints" / "step00000004" / "COMPLETE").is_file()
+    # A checkpoint cut short by a crash (no marker) must be ignored by resume=auto.
+    broken = part / "checkpoints" / "step00000006"
+    broken.mkdir()
+    (broken / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    proc = run_train([*common, "trainer.resume=auto", f"hydra.run.dir={part}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want = {r["step"]: r["train/loss"] for r in read_metrics(full)}
+    got = {r["step"]: r["train/loss"] for r in read_metrics(part)}
+    for step in range(5, 9):
+        assert math.isclose(got[step], want[step], rel_tol=0, abs_tol=1e-6), (step, got[step], want[step])
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("loss.orthogonalty.weight=1e-4", "orthogonalty"),
+        ("data.source=/nonexistent/corpus.jsonl", "/nonexistent/corpus.jsonl"),
+        ("moe.top_k=9", "moe.top_k=9"),
+        ("loss.z.weight=1e38", "non-finite loss"),
+    ],
+)
+def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):
+    run_dir = tmp_path / "bad"
+    proc = run_train([*FAST, "trainer.max_steps=4", "trainer.save_every=1", override, f"hydra.run.dir={run_dir}"])
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if needle in ln]
+    assert lines, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir():  # anything written before the failure is complete
+        for c in ckpts.glob("step*"):
+            assert (c / "COMPLETE").is_file(), c
