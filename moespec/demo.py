@@ -88,10 +88,12 @@ def report(run_dirs: dict[str, Path]) -> str:
         verdict = "Specialization did not rise in this run (try more steps or other loss weights)."
     lines += ["", verdict, ""]
     for name, d in run_dirs.items():
-        plots = sorted((d / "plots").glob("*.png"))
+        load_maps = sorted((d / "plots").glob("expert_load_step*.png"))
+        domain_maps = sorted((d / "plots").glob("expert_domain_step*.png"))
         wandb_runs = sorted((d / "wandb").glob("offline-run-*")) + sorted((d / "wandb").glob("run-*"))
         lines.append(f"{name}: run dir {d}")
-        lines.append(f"  heat maps: {plots[-2] if len(plots) > 1 else '-'}  {plots[-1] if plots else '-'}")
+        lines.append(f"  expert-load heat map:   {load_maps[-1] if load_maps else '-'}")
+        lines.append(f"  expert×domain heat map: {domain_maps[-1] if domain_maps else '-'}")
         lines.append(f"  wandb run: {wandb_runs[-1] if wandb_runs else '-'}  (sync with `wandb sync <dir>`)")
     return "\n".join(lines)
 

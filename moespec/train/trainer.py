@@ -93,7 +93,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     if cfg.model.type == "hf":
         from ..models.hf_train import build_hf_model
 
-        return build_hf_model(cfg)
+        return build_hf_model(cfg, vocab_size)
     raise TrainingError(f"model.type={cfg.model.type!r}; valid: tiny, hf")
 
 
@@ -220,11 +220,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     # Data: rank 0 builds the cache, the others read it after the barrier.
     data = None
+    hf_tok = None
+    if cfg.model.type == "hf":  # the HF model's own tokenizer, when its directory has one
+        from ..models.hf_train import hf_data_tokenizer
+
+        hf_tok = hf_data_tokenizer(cfg)
     if rank == 0:
-        data = build_data(cfg.data, rank=0)
+        data = build_data(cfg.data, rank=0, tokenizer=hf_tok)
     dist.barrier()
     if rank != 0:
-        data = build_data(cfg.data, rank=rank)
+        data = build_data(cfg.data, rank=rank, tokenizer=hf_tok)
     assert data is not None
     vocab = len(data.tokenizer)
 
@@ -359,6 +364,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     if bar is not None:
         bar.close()
+    if hasattr(model, "export_pretrained"):  # collective under expert parallel; rank 0 writes
+        model.export_pretrained(run_dir / "hf_model")
     summary = {k: v for k, v in last.items() if "/" in k and not k.startswith("layer")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

