@@ -7,6 +7,7 @@ DeepSpeed launcher appends is accepted and stripped).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -82,17 +83,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except (TrainingError, ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return summary.get("val/loss")
+
+
+def _destroy_process_group() -> None:
+    # Once per process, not per job: DeepSpeed caches its process groups across the jobs of a
+    # Hydra multirun, so the default group must outlive each job.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:
     """Console entry point."""
     sys.argv = [sys.argv[0], *_shared_run_dir(_strip_launcher_args(sys.argv[1:]))]
+    atexit.register(_destroy_process_group)
     _hydra_main()
 
 
