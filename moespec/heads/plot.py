@@ -13,6 +13,7 @@ def save_heatmap(profile: HeadProfile, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,10 +21,19 @@ def save_heatmap(profile: HeadProfile, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * heads + 2), max(3.0, 0.3 * layers + 1.5)))
     image = ax.imshow(profile.scores.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
     fig.colorbar(image, ax=ax, label="attention mass on context")
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     for label, cls, color in (("P", "perception", "white"), ("R", "reasoning", "red")):
         for layer, head in profile.heads.get(cls, []):
             ax.text(
-                head, layer, label, ha="center", va="center", color=color, fontsize=7, weight="bold"
+                head,
+                layer,
+                label,
+                ha="center",
+                va="center",
+                color=color,
+                fontsize=7,
+                weight="bold",
+                path_effects=outline,
             )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")

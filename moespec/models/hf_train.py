@@ -132,7 +132,11 @@ class HFCausalLM(nn.Module):
         return self.model.get_base_model() if self.lora else self.model
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, ignore_index: int = -100
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        ignore_index: int = -100,
     ) -> LMOutput:
         config = self.hf_model.config
         out = self.model(input_ids=input_ids, use_cache=False)
@@ -159,7 +163,9 @@ class HFCausalLM(nn.Module):
 
         Collective under expert parallelism: every rank must call it.
         """
-        ep_blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, HFExpertParallelBlock)]
+        ep_blocks = [
+            (n, m) for n, m in self.named_modules() if isinstance(m, HFExpertParallelBlock)
+        ]
         gathered = {n: m.gather_hf_state() for n, m in ep_blocks}
         if self.lora:
             self.model.merge_adapter()
@@ -187,7 +193,9 @@ class HFCausalLM(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
-        needs_rebuild = self.lora or any(isinstance(m, HFExpertParallelBlock) for m in self.modules())
+        needs_rebuild = self.lora or any(
+            isinstance(m, HFExpertParallelBlock) for m in self.modules()
+        )
         state = self.plain_state_dict() if needs_rebuild else None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = Path(out_dir)
@@ -224,9 +232,13 @@ class HFCausalLM(nn.Module):
 class HFExpert(nn.Module):
     """One gated expert of a transformers MoE block as DeepSpeed's ``Experts`` applies it."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, act_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(
+        self, hidden_size: int, ffn_size: int, act_fn: Callable[[torch.Tensor], torch.Tensor]
+    ):
         super().__init__()
-        self.gate_up = nn.Linear(hidden_size, 2 * ffn_size, bias=False)  # [2I,H]: gate rows, then up
+        self.gate_up = nn.Linear(
+            hidden_size, 2 * ffn_size, bias=False
+        )  # [2I,H]: gate rows, then up
         self.down = nn.Linear(ffn_size, hidden_size, bias=False)  # [H,I]
         self.act_fn = act_fn
 
@@ -258,7 +270,9 @@ def _deepspeed_moe_class() -> type:
             nn.Module.__init__(self)
             e = router_config.num_experts
             if e % ep_size:
-                raise ValueError(f"the model's {e} experts per block are not divisible by moe.ep_size={ep_size}")
+                raise ValueError(
+                    f"the model's {e} experts per block are not divisible by moe.ep_size={ep_size}"
+                )
             self.use_residual = False
             self.enable_expert_tensor_parallelism = False
             self.ep_size = ep_size
@@ -336,7 +350,9 @@ class HFExpertParallelBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            noise = torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
             hidden_states = hidden_states * noise
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
@@ -373,7 +389,9 @@ class HFExpertParallelBlock(nn.Module):
         for attr in _SHARED_ATTRS:
             module = getattr(self, attr)
             if module is not None:
-                state.update({f"{attr}.{k}": v.detach().cpu() for k, v in module.state_dict().items()})
+                state.update(
+                    {f"{attr}.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
+                )
         return state
 
 
@@ -393,7 +411,9 @@ def convert_expert_parallel(model: nn.Module, loss: LossConfig, moe_cfg: Any) ->
         )
     blocks = find_moe_blocks(model)
     if not blocks:
-        raise ValueError(f"no MoE blocks found in {type(model).__name__} (model_type {model_type!r})")
+        raise ValueError(
+            f"no MoE blocks found in {type(model).__name__} (model_type {model_type!r})"
+        )
     for i, (name, block) in enumerate(blocks):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -402,7 +422,10 @@ def convert_expert_parallel(model: nn.Module, loss: LossConfig, moe_cfg: Any) ->
     experts = blocks[0][1].experts.gate_up_proj.shape[0]
     logger.info(
         "expert parallel: %d %s MoE blocks run their %d experts through DeepSpeed MOELayer (ep_size=%d)",
-        len(blocks), model_type, experts, moe_cfg.ep_size,
+        len(blocks),
+        model_type,
+        experts,
+        moe_cfg.ep_size,
     )
     return len(blocks)
 
@@ -446,7 +469,11 @@ def _apply_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info(
         "LoRA rank %d on %s; router weights %s (%d); %d trainable parameters",
-        lora_cfg.rank, targets, "trainable" if lora_cfg.train_router else "frozen", routers, trainable,
+        lora_cfg.rank,
+        targets,
+        "trainable" if lora_cfg.train_router else "frozen",
+        routers,
+        trainable,
     )
     return peft_model
 
@@ -503,7 +530,11 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
         from .upcycle import upcycle
 
         model = upcycle(
-            model, m.upcycle_experts, m.upcycle_top_k, noise_std=m.upcycle_noise, seed=cfg.trainer.seed
+            model,
+            m.upcycle_experts,
+            m.upcycle_top_k,
+            noise_std=m.upcycle_noise,
+            seed=cfg.trainer.seed,
         )
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if vocab_size is not None and vocab_size > model_vocab:
@@ -522,7 +553,9 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     elif cfg.moe.backend == "native":
         handle = None  # attached after LoRA, on the final modules
     else:
-        raise ValueError(f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed")
+        raise ValueError(
+            f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed"
+        )
     if m.lora.enabled:
         model = _apply_lora(model, m.lora)
     if cfg.moe.backend == "native":

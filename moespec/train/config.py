@@ -112,7 +112,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    run_name: str = "run"
+    run_name: str | None = None
 
 
 def register_configs() -> None:

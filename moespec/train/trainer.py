@@ -265,7 +265,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         batches.load_state_dict(sampler_state)
 
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = MetricsLogger(run_dir, cfg.wandb, config_dict, cfg.run_name, enabled=rank == 0)
+    run_name = cfg.run_name or run_dir.name
+    logger = MetricsLogger(run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0)
     monitor = CollapseMonitor(patience=cfg.trainer.collapse_patience)
     bar = None
     if rank == 0 and cfg.trainer.progress:
