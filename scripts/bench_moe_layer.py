@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(body)
     if not args.no_write:
-        print(f"\nwritten to {write_section('bench_moe_layer', body)}")
+        section = "bench_moe_layer" if args.device == "cpu" else f"bench_moe_layer ({args.device}, {args.dtype})"
+        print(f"\nwritten to {write_section(section, body)}")
 
 
 class _Wrap(nn.Module):
