@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import markdown_table, write_section  # noqa: E402
 
 from moespec.models.hf import attach, load_hf_model  # noqa: E402
-from moespec.models.hf_train import HFCausalLM  # noqa: E402
+from moespec.models.hf_train import HFCausalLM, share_expert_pass  # noqa: E402
 from moespec.paths import recipes_dir  # noqa: E402
 from moespec.routing import LossConfig, clear_router_losses, collect_router_losses  # noqa: E402
 
@@ -37,7 +37,7 @@ def make_variant(base: torch.nn.Module, moespec: bool):
         loss_cfg.aux.weight = AUX
         loss_cfg.orthogonality.weight = "auto"
         loss_cfg.variance.weight = "auto"
-        attach(model, loss_cfg)
+        share_expert_pass(attach(model, loss_cfg))
     else:
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = AUX

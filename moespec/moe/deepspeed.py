@@ -25,17 +25,9 @@ from .config import MoEConfig
 from .native import FusedExperts, SwiGLU
 
 
-class SwiGLUExpert(nn.Module):
-    """One SwiGLU expert as DeepSpeed's ``Experts`` expects: a module applied to [..., H]."""
-
-    def __init__(self, hidden_size: int, ffn_size: int) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(hidden_size, 2 * ffn_size, bias=False)
-        self.down = nn.Linear(ffn_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(g) * u)
+# One SwiGLU expert as DeepSpeed's ``Experts`` expects (a module applied to [..., H]); the
+# same module as the native layer's shared expert, with Linear weights gate_up [2I,H], down [H,I].
+SwiGLUExpert = SwiGLU
 
 
 class MoespecGate(nn.Module):
