@@ -310,3 +310,16 @@ def test_errors_are_one_line(train_env, tmp_path):
         assert proc.returncode == 2, (name, err[-3000:])
         lines = [line for line in err.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and cases[name][1] in lines[0], (name, err[-3000:])
+
+
+def test_vocab_smaller_than_tokenizer_is_an_error():
+    from moespec.models.hf_train import build_hf_model
+    from moespec.train.config import TrainConfig
+
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(TrainConfig), {"model": {"type": "hf", "config": "model/configs/mixtral_tiny.json"}}
+        )
+    )
+    with pytest.raises(ValueError, match="tokenizer has 4096 tokens but MixtralForCausalLM embeds 1024"):
+        build_hf_model(cfg, vocab_size=4096)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
@@ -23,7 +22,6 @@ from torch import nn
 from ..routing import Router, RouterConfig
 from .config import MoEConfig
 from .native import FusedExperts, SwiGLU
-
 
 # One SwiGLU expert as DeepSpeed's ``Experts`` expects (a module applied to [..., H]); the
 # same module as the native layer's shared expert, with Linear weights gate_up [2I,H], down [H,I].
@@ -48,7 +46,9 @@ class MoespecGate(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def forward(self, x: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
+    def forward(
+        self, x: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False
+    ):
         route = self.router(x)
         s, k = route.idx.shape
         e = self.router.num_experts
@@ -61,7 +61,9 @@ class MoespecGate(nn.Module):
             capacity = int(exp_counts.max()) if s else 1
             if self.ep_group is not None and torch.distributed.get_world_size(self.ep_group) > 1:
                 cap = torch.tensor([capacity], device=x.device)
-                torch.distributed.all_reduce(cap, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
+                torch.distributed.all_reduce(
+                    cap, op=torch.distributed.ReduceOp.MAX, group=self.ep_group
+                )
                 capacity = int(cap)
             capacity = max(capacity, 1)
         kept = locations < capacity
@@ -84,27 +86,46 @@ class MoespecMOELayer(MOELayer):
     """DeepSpeed's ``MOELayer`` forward, plus the gather of raw expert outputs per token."""
 
     def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
-        if groups.mpu is not None and getattr(groups.mpu, "get_tensor_model_parallel_world_size", lambda: 1)() > 1:
-            raise NotImplementedError("moe.backend=deepspeed with tensor parallelism is not supported")
+        if (
+            groups.mpu is not None
+            and getattr(groups.mpu, "get_tensor_model_parallel_world_size", lambda: 1)() > 1
+        ):
+            raise NotImplementedError(
+                "moe.backend=deepspeed with tensor parallelism is not supported"
+            )
         x = inputs[0]
         d_model = x.shape[-1]
         flat = x.reshape(-1, d_model)
-        self.l_aux, capacity, num_experts, indices, locations, gates, self.exp_counts = self.gate(flat, None, True)
+        self.l_aux, capacity, num_experts, indices, locations, gates, self.exp_counts = self.gate(
+            flat, None, True
+        )
         s, c, e = flat.shape[0], int(capacity), num_experts
-        slots = torch.where(indices >= 0, indices.long() * c + locations.long(), torch.full_like(indices, e * c).long())
+        slots = torch.where(
+            indices >= 0,
+            indices.long() * c + locations.long(),
+            torch.full_like(indices, e * c).long(),
+        )
         # Place each routed token in its (expert, slot) of the [E, C, M] buffer with one gather.
         source = torch.full((e * c + 1,), s, dtype=torch.long, device=flat.device)
-        source.scatter_(0, slots.reshape(-1), torch.arange(s, device=flat.device).expand_as(slots).reshape(-1))
+        source.scatter_(
+            0, slots.reshape(-1), torch.arange(s, device=flat.device).expand_as(slots).reshape(-1)
+        )
         padded = torch.cat([flat, flat.new_zeros(1, d_model)])
         dispatched = padded.index_select(0, source[:-1]).view(e, c, d_model)
         if self.ep_size > 1:
             dispatched = _AllToAll.apply(self.ep_group, dispatched)
         dispatched = dispatched.reshape(self.ep_size, self.num_local_experts, -1, d_model)
-        expert_output = self.experts(dispatched).reshape(self.ep_size * self.num_local_experts, -1, d_model)
+        expert_output = self.experts(dispatched).reshape(
+            self.ep_size * self.num_local_experts, -1, d_model
+        )
         if self.ep_size > 1:
             expert_output = _AllToAll.apply(self.ep_group, expert_output)
-        out_padded = torch.cat([expert_output.reshape(e * c, d_model), expert_output.new_zeros(1, d_model)])
-        raw = out_padded.index_select(0, slots.reshape(-1)).view(slots.shape[0], s, d_model)  # [k,S,M]
+        out_padded = torch.cat(
+            [expert_output.reshape(e * c, d_model), expert_output.new_zeros(1, d_model)]
+        )
+        raw = out_padded.index_select(0, slots.reshape(-1)).view(
+            slots.shape[0], s, d_model
+        )  # [k,S,M]
         self.gate.router.record_expert_outputs(raw.transpose(0, 1))
         combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
         return combined.reshape(x.shape)
@@ -153,8 +174,12 @@ class DeepSpeedMoELayer(MoE):
                 expert.down.weight.copy_(full.down[g].T)
         del full
         gate = MoespecGate(router, moe.capacity_factor, moe.drop_tokens)
-        self.deepspeed_moe = MoespecMOELayer(gate, experts, self.expert_group_name, ep, self.num_local_experts)
-        self.shared_expert = SwiGLU(hidden_size, moe.shared_expert_size) if moe.shared_expert_size > 0 else None
+        self.deepspeed_moe = MoespecMOELayer(
+            gate, experts, self.expert_group_name, ep, self.num_local_experts
+        )
+        self.shared_expert = (
+            SwiGLU(hidden_size, moe.shared_expert_size) if moe.shared_expert_size > 0 else None
+        )
 
     def _ep_rank(self) -> int:
         if self.ep_size == 1:
@@ -182,7 +207,9 @@ class DeepSpeedMoELayer(MoE):
         if self.deepspeed_moe.ep_group is None:
             self.set_deepspeed_parallelism()
 
-    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.deepspeed_moe.ep_group is None:
             self.ensure_groups()
         out = self.deepspeed_moe(hidden_states)
