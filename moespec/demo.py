@@ -52,7 +52,11 @@ def launch(loss: str, out_dir: Path, ranks: int, overrides: list[str]) -> Path:
         *overrides,
     ]  # fmt: skip
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
+    }
     env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
@@ -68,8 +72,14 @@ def report(run_dirs: dict[str, Path]) -> str:
     """Side-by-side table of the two runs and a verdict on specialization."""
     summaries = {k: json.loads((d / "summary.json").read_text()) for k, d in run_dirs.items()}
     base, spec = summaries["aux_only"], summaries["specialization"]
-    domains = sorted({k.split("/", 2)[2] for s in summaries.values() for k in s if k.startswith("val/loss/")})
-    rows = ROWS[:1] + [(f"val/loss/{d}", f"  validation loss: {d}", "lower") for d in domains] + ROWS[1:]
+    domains = sorted(
+        {k.split("/", 2)[2] for s in summaries.values() for k in s if k.startswith("val/loss/")}
+    )
+    rows = (
+        ROWS[:1]
+        + [(f"val/loss/{d}", f"  validation loss: {d}", "lower") for d in domains]
+        + ROWS[1:]
+    )
     lines = [f"{'metric':<30} {'aux_only':>12} {'specialization':>15}   better", "-" * 68]
     for key, label, better in rows:
         a, b = base.get(key), spec.get(key)
@@ -90,11 +100,15 @@ def report(run_dirs: dict[str, Path]) -> str:
     for name, d in run_dirs.items():
         load_maps = sorted((d / "plots").glob("expert_load_step*.png"))
         domain_maps = sorted((d / "plots").glob("expert_domain_step*.png"))
-        wandb_runs = sorted((d / "wandb").glob("offline-run-*")) + sorted((d / "wandb").glob("run-*"))
+        wandb_runs = sorted((d / "wandb").glob("offline-run-*")) + sorted(
+            (d / "wandb").glob("run-*")
+        )
         lines.append(f"{name}: run dir {d}")
         lines.append(f"  expert-load heat map:   {load_maps[-1] if load_maps else '-'}")
         lines.append(f"  expert×domain heat map: {domain_maps[-1] if domain_maps else '-'}")
-        lines.append(f"  wandb run: {wandb_runs[-1] if wandb_runs else '-'}  (sync with `wandb sync <dir>`)")
+        lines.append(
+            f"  wandb run: {wandb_runs[-1] if wandb_runs else '-'}  (sync with `wandb sync <dir>`)"
+        )
     return "\n".join(lines)
 
 

@@ -30,4 +30,7 @@ def torch_extensions_dir() -> Path:
     root = repo_root()
     if root is not None:
         return root / "build" / "torch_extensions"
-    return Path(os.environ.get("MOESPEC_CACHE", Path.home() / ".cache" / "moespec")) / "torch_extensions"
+    return (
+        Path(os.environ.get("MOESPEC_CACHE", Path.home() / ".cache" / "moespec"))
+        / "torch_extensions"
+    )

@@ -41,7 +41,11 @@ def run(name: str, overrides: list[str], ranks: int, steps: int, workdir: Path) 
         deepspeed = str(Path(sys.executable).parent / "deepspeed")
         cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()), "--no_local_rank",
                "--module", "moespec.train", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks)), "WANDB_MODE": "offline"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks)),
+        "WANDB_MODE": "offline",
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -58,8 +62,16 @@ def main() -> None:
         ("native, EP=1, 1 rank, aux+orth+var", ["moe=native", "loss=specialization"], 1),
         ("native, EP=1, 1 rank, no routing loss", ["moe=native", "loss=none"], 1),
         ("deepspeed, EP=1, 1 rank, aux+orth+var", ["moe=deepspeed", "loss=specialization"], 1),
-        ("deepspeed, EP=1, 2 ranks, aux+orth+var", ["moe=deepspeed", "moe.ep_size=1", "loss=specialization"], 2),
-        ("deepspeed, EP=2, 2 ranks, aux+orth+var", ["moe=deepspeed", "moe.ep_size=2", "loss=specialization"], 2),
+        (
+            "deepspeed, EP=1, 2 ranks, aux+orth+var",
+            ["moe=deepspeed", "moe.ep_size=1", "loss=specialization"],
+            2,
+        ),
+        (
+            "deepspeed, EP=2, 2 ranks, aux+orth+var",
+            ["moe=deepspeed", "moe.ep_size=2", "loss=specialization"],
+            2,
+        ),
     ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,12 @@ def run_train(train_env):
     def run(args: list[str], *, launcher: list[str] | None = None, timeout: int = 600, env=None):
         cmd = (launcher or [sys.executable, "-m"]) + ["moespec.train", *args]
         return subprocess.run(
-            cmd, env={**train_env, **(env or {})}, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+            cmd,
+            env={**train_env, **(env or {})},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     return run

@@ -56,7 +56,16 @@ def test_ep2_matches_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node", str(WORLD), "--master_port", str(port), str(WORKER), str(tmp_path), "2"]
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_port",
+        str(port),
+        str(WORKER),
+        str(tmp_path),
+        "2",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch = torch.randn(WORLD, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))

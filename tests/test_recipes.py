@@ -38,7 +38,12 @@ def test_every_group_option_composes(group):
 
 def test_loss_overrides_reach_typed_config():
     cfg = _compose(
-        ["loss.orthogonality.weight=1e-4", "loss.variance.weight=auto", "loss.aux.weight=1e-3", "loss.aux.scope=sequence"]
+        [
+            "loss.orthogonality.weight=1e-4",
+            "loss.variance.weight=auto",
+            "loss.aux.weight=1e-3",
+            "loss.aux.scope=sequence",
+        ]
     )
     assert cfg.loss.orthogonality.weight == pytest.approx(1e-4)
     assert cfg.loss.variance.weight == "auto"
@@ -52,5 +57,9 @@ def test_unknown_key_names_it():
 
 def test_gpu_recipes_use_bf16_and_deepspeed():
     cfg = _compose(["experiment=smoke_gpu"])
-    assert cfg.deepspeed.precision == "bf16" and cfg.deepspeed.zero_stage == 2 and cfg.moe.backend == "deepspeed"
+    assert (
+        cfg.deepspeed.precision == "bf16"
+        and cfg.deepspeed.zero_stage == 2
+        and cfg.moe.backend == "deepspeed"
+    )
     assert deepspeed_config(cfg)["bf16"]["enabled"] is True

@@ -9,7 +9,12 @@ import pytest
 import torch
 import yaml
 
-FAST = ["experiment=smoke", "trainer.progress=false", "trainer.plot_every=100", "trainer.eval_every=100"]
+FAST = [
+    "experiment=smoke",
+    "trainer.progress=false",
+    "trainer.plot_every=100",
+    "trainer.eval_every=100",
+]
 REQUIRED_KEYS = {
     "train/loss",
     "train/lm_loss",
@@ -34,13 +39,15 @@ def _model_states(run_dir: Path) -> dict:
 @pytest.mark.multiproc
 def test_smoke_override_reaches_router(run_train, read_metrics, tmp_path):
     run_dir = tmp_path / "D"
-    proc = run_train(["experiment=smoke", "loss.orthogonality.weight=0.37", f"hydra.run.dir={run_dir}"])
+    proc = run_train(
+        ["experiment=smoke", "loss.orthogonality.weight=0.37", f"hydra.run.dir={run_dir}"]
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["loss"]["orthogonality"]["weight"] == 0.37
     rows = read_metrics(run_dir)
     keys = set().union(*rows)
-    assert REQUIRED_KEYS <= keys, REQUIRED_KEYS - keys
+    assert keys >= REQUIRED_KEYS, REQUIRED_KEYS - keys
     assert {"layer0/routing/maxvio", "layer1/loss/orthogonality", "val/loss"} <= keys
     assert any(k.startswith("val/loss/") for k in keys)
     assert all(r["weights/beta"] == pytest.approx(0.37) for r in rows if "weights/beta" in r)
@@ -58,8 +65,15 @@ def test_smoke_override_reaches_router(run_train, read_metrics, tmp_path):
 def test_zero_stages_train_and_loss_falls(run_train, read_metrics, tmp_path, stage):
     run_dir = tmp_path / f"zero{stage}"
     proc = run_train(
-        [*FAST, f"deepspeed=zero{stage}", "deepspeed.micro_batch_size=4", "trainer.max_steps=16",
-         "trainer.log_every=4", "trainer.save_every=100", f"hydra.run.dir={run_dir}"]
+        [
+            *FAST,
+            f"deepspeed=zero{stage}",
+            "deepspeed.micro_batch_size=4",
+            "trainer.max_steps=16",
+            "trainer.log_every=4",
+            "trainer.save_every=100",
+            f"hydra.run.dir={run_dir}",
+        ]
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     losses = [r["train/lm_loss"] for r in read_metrics(run_dir) if "train/lm_loss" in r]
@@ -68,7 +82,13 @@ def test_zero_stages_train_and_loss_falls(run_train, read_metrics, tmp_path, sta
 
 @pytest.mark.multiproc
 def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
-    common = [*FAST, "trainer.max_steps=8", "trainer.log_every=1", "trainer.save_every=100", "loss=specialization"]
+    common = [
+        *FAST,
+        "trainer.max_steps=8",
+        "trainer.log_every=1",
+        "trainer.save_every=100",
+        "loss=specialization",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     proc = run_train([*common, f"hydra.run.dir={full}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,7 +104,11 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
     want = {r["step"]: r["train/loss"] for r in read_metrics(full)}
     got = {r["step"]: r["train/loss"] for r in read_metrics(part)}
     for step in range(5, 9):
-        assert math.isclose(got[step], want[step], rel_tol=0, abs_tol=1e-6), (step, got[step], want[step])
+        assert math.isclose(got[step], want[step], rel_tol=0, abs_tol=1e-6), (
+            step,
+            got[step],
+            want[step],
+        )
 
 
 @pytest.mark.parametrize(
@@ -98,7 +122,9 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
 )
 def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):
     run_dir = tmp_path / "bad"
-    proc = run_train([*FAST, "trainer.max_steps=4", "trainer.save_every=1", override, f"hydra.run.dir={run_dir}"])
+    proc = run_train(
+        [*FAST, "trainer.max_steps=4", "trainer.save_every=1", override, f"hydra.run.dir={run_dir}"]
+    )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if needle in ln]
     assert lines, proc.stderr[-3000:]

@@ -76,7 +76,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from .trainer import TrainingError, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         summary = train(typed, run_dir)

@@ -54,7 +54,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,7 +82,11 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints under ``ckpt_root``, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    found = [
+        p
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -93,7 +101,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    engine: Any, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int
+) -> Path:
     """Save engine + trainer state for ``step``; marks it complete last; prunes old ones."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
@@ -101,12 +111,16 @@ def save_checkpoint(engine: Any, ckpt_root: Path, step: int, trainer_state: dict
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # an incomplete leftover of the same step
     _barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state={"moespec": trainer_state}, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_root), tag=tag, client_state={"moespec": trainer_state}, save_latest=False
+    )
     path.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(rng_state(), path / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:
-        atomic_write_text(path / "trainer_state.json", json.dumps(_jsonable(trainer_state), indent=2))
+        atomic_write_text(
+            path / "trainer_state.json", json.dumps(_jsonable(trainer_state), indent=2)
+        )
         atomic_write_text(path / MARKER, f"step {step}\n")
         if keep > 0:
             for old in complete_checkpoints(ckpt_root)[:-keep]:

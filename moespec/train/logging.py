@@ -41,7 +41,9 @@ def loss_metrics(means: dict[str, float], per_layer: list[dict[str, float]]) -> 
 class MetricsLogger:
     """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to wandb."""
 
-    def __init__(self, run_dir: Path, wandb_cfg: Any, config: dict[str, Any], run_name: str, enabled: bool) -> None:
+    def __init__(
+        self, run_dir: Path, wandb_cfg: Any, config: dict[str, Any], run_name: str, enabled: bool
+    ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
@@ -77,11 +79,16 @@ class MetricsLogger:
         """Append ``metrics`` for ``step``."""
         if not self.enabled:
             return
-        row = {"step": step, **{k: (float(v) if isinstance(v, int | float) else v) for k, v in metrics.items()}}
+        row = {
+            "step": step,
+            **{k: (float(v) if isinstance(v, int | float) else v) for k, v in metrics.items()},
+        }
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+            self.wandb.log(
+                {k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step
+            )
 
     def alert(self, step: int, text: str) -> None:
         """A routing alarm: console warning, metrics row and wandb alert."""
@@ -96,7 +103,9 @@ class MetricsLogger:
             except Exception as err:  # offline runs cannot always send alerts
                 log.debug("wandb alert not sent: %s", err)
 
-    def heatmaps(self, step: int, load: np.ndarray, domain: np.ndarray | None, domains: list[str]) -> list[Path]:
+    def heatmaps(
+        self, step: int, load: np.ndarray, domain: np.ndarray | None, domains: list[str]
+    ) -> list[Path]:
         """Expert-load (layers × experts) and expert×domain heat maps, as PNGs and wandb images."""
         if not self.enabled:
             return []
@@ -105,11 +114,18 @@ class MetricsLogger:
         self.plot_dir.mkdir(parents=True, exist_ok=True)
         paths = [plot_load_heatmap(load, self.plot_dir / f"expert_load_step{step:06d}.png", step)]
         if domain is not None and domain.size and domains:
-            paths.append(plot_domain_heatmap(domain, domains, self.plot_dir / f"expert_domain_step{step:06d}.png", step))
+            paths.append(
+                plot_domain_heatmap(
+                    domain, domains, self.plot_dir / f"expert_domain_step{step:06d}.png", step
+                )
+            )
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({f"plots/{p.stem.rsplit('_step', 1)[0]}": wandb.Image(str(p)) for p in paths}, step=step)
+            self.wandb.log(
+                {f"plots/{p.stem.rsplit('_step', 1)[0]}": wandb.Image(str(p)) for p in paths},
+                step=step,
+            )
         return paths
 
     def finish(self, summary: dict[str, float] | None = None) -> None:

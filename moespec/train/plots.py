@@ -31,7 +31,9 @@ def plot_load_heatmap(load: np.ndarray, path: Path, step: int) -> Path:
 def plot_domain_heatmap(joint: np.ndarray, domains: list[str], path: Path, step: int) -> Path:
     """``joint`` [layers, experts, domains] slot counts → P(domain | expert), one panel per layer."""
     layers, experts, _ = joint.shape
-    fig, axes = plt.subplots(1, layers, figsize=(1.2 + 1.1 * len(domains) * layers, 1.2 + 0.3 * experts), squeeze=False)
+    fig, axes = plt.subplots(
+        1, layers, figsize=(1.2 + 1.1 * len(domains) * layers, 1.2 + 0.3 * experts), squeeze=False
+    )
     for i, ax in enumerate(axes[0]):
         counts = joint[i][:, : len(domains)]
         share = counts / np.clip(counts.sum(1, keepdims=True), 1e-12, None)

@@ -73,7 +73,9 @@ def _device() -> torch.device:
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=_device() if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(
+        values, dtype=torch.float64, device=_device() if dist.get_backend() == "nccl" else "cpu"
+    )
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
@@ -143,7 +145,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 12},
     }
-    extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra)
+    extra = (
+        OmegaConf.to_container(ds.extra, resolve=True)
+        if OmegaConf.is_config(ds.extra)
+        else dict(ds.extra)
+    )
     conf.update(extra)
     return conf
 
@@ -151,7 +157,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------ statistics
 
 
-def window_statistics(model: nn.Module) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray | None]:
+def window_statistics(
+    model: nn.Module,
+) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray | None]:
     """Per-layer metrics, load fractions [L,E] and expert×domain counts [L,E,D]; new window."""
     per_layer, loads, joints = [], [], []
     for r in iter_routers(model):
@@ -162,19 +170,25 @@ def window_statistics(model: nn.Module) -> tuple[list[dict[str, float]], np.ndar
         r.stats.reset()
     load = np.stack(loads) if loads else np.zeros((0, 0))
     width = max((j.shape[1] for j in joints), default=0)
-    joint = np.stack([np.pad(j, ((0, 0), (0, width - j.shape[1]))) for j in joints]) if width else None
+    joint = (
+        np.stack([np.pad(j, ((0, 0), (0, width - j.shape[1]))) for j in joints]) if width else None
+    )
     return per_layer, load, joint
 
 
 @torch.no_grad()
-def evaluate(engine: Any, model: nn.Module, data: DataBundle, cfg: TrainConfig, rank: int, world: int) -> dict[str, float]:
+def evaluate(
+    engine: Any, model: nn.Module, data: DataBundle, cfg: TrainConfig, rank: int, world: int
+) -> dict[str, float]:
     """Validation loss, overall and per domain, over ``trainer.eval_batches`` batches per rank."""
     model.eval()
     for r in iter_routers(model):
         r.track_stats = False
     num_domains = len(data.domains)
     sums = np.zeros(2 + 2 * num_domains)
-    batches = min(cfg.trainer.eval_batches, len(data.val) // (cfg.deepspeed.micro_batch_size * world))
+    batches = min(
+        cfg.trainer.eval_batches, len(data.val) // (cfg.deepspeed.micro_batch_size * world)
+    )
     it = batch_iterator(
         data.val, cfg.deepspeed.micro_batch_size, seed=0, rank=rank, world_size=world, num_epochs=1
     )
@@ -216,7 +230,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     if cfg.moe.ep_size > world:
-        raise TrainingError(f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched")
+        raise TrainingError(
+            f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched"
+        )
 
     # Data: rank 0 builds the cache, the others read it after the barrier.
     data = None
@@ -236,7 +252,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, vocab).to(_device())
     groups = optimizer_groups(model, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    optimizer = torch.optim.AdamW(
+        groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
     total = cfg.trainer.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
@@ -307,7 +325,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             engine.step()
             clear_router_losses(model)
             m = routed.means
-            acc += [lm, tot, m.get("aux", 0.0), m.get("orthogonality", 0.0), m.get("variance", 0.0), 1]
+            acc += [
+                lm,
+                tot,
+                m.get("aux", 0.0),
+                m.get("orthogonality", 0.0),
+                m.get("variance", 0.0),
+                1,
+            ]
             tokens_seen += b * s
             last_layers = routed.per_layer
             last_weights = routed.weights
@@ -360,7 +385,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
                 state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
                 ckpt.save_checkpoint(engine, ckpt_root, step, state, cfg.trainer.keep_checkpoints)
             if rank == 0:
-                log.info("stopping after step %d of %d (trainer.stop_after); resume with trainer.resume=auto", step, total)
+                log.info(
+                    "stopping after step %d of %d (trainer.stop_after); resume with trainer.resume=auto",
+                    step,
+                    total,
+                )
             break
 
     if bar is not None:
@@ -370,7 +399,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     summary = {k: v for k, v in last.items() if "/" in k and not k.startswith("layer")}
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plots = sorted(str(p) for p in (run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+        plots = (
+            sorted(str(p) for p in (run_dir / "plots").glob("*.png"))
+            if (run_dir / "plots").is_dir()
+            else []
+        )
         log.info("run directory %s; %d heat maps; wandb %s", run_dir, len(plots), logger.wandb_dir)
     logger.finish(summary)
     return summary

@@ -24,7 +24,11 @@ def main() -> None:
     loss.orthogonality.weight = 0.5
     loss.variance.weight = 0.25
     torch.manual_seed(0)
-    layer = build_moe_layer(HIDDEN, MoEConfig(backend="deepspeed", num_experts=EXPERTS, top_k=TOP_K, ffn_size=FFN, ep_size=ep), loss)
+    layer = build_moe_layer(
+        HIDDEN,
+        MoEConfig(backend="deepspeed", num_experts=EXPERTS, top_k=TOP_K, ffn_size=FFN, ep_size=ep),
+        loss,
+    )
     layer.train()
     batch = torch.randn(world, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
     x = batch[rank].clone().requires_grad_(True)
