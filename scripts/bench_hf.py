@@ -72,10 +72,16 @@ def main() -> None:
     base = load_hf_model(config_path=CONFIG)
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen) for _ in range(args.steps)]
-    variants = {"transformers aux": make_variant(base, False), "moespec aux+orth+var": make_variant(base, True)}
+    batches = [
+        torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen)
+        for _ in range(args.steps)
+    ]
+    variants = {
+        "transformers aux": make_variant(base, False),
+        "moespec aux+orth+var": make_variant(base, True),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for name, step in variants.items():  # warm-up (and β/γ calibration)
+    for step in variants.values():  # warm-up (and β/γ calibration)
         for b in batches[:2]:
             step(b[:, :-1], b[:, 1:])
     for r in range(args.rounds):

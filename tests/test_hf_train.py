@@ -318,8 +318,11 @@ def test_vocab_smaller_than_tokenizer_is_an_error():
 
     cfg = OmegaConf.to_object(
         OmegaConf.merge(
-            OmegaConf.structured(TrainConfig), {"model": {"type": "hf", "config": "model/configs/mixtral_tiny.json"}}
+            OmegaConf.structured(TrainConfig),
+            {"model": {"type": "hf", "config": "model/configs/mixtral_tiny.json"}},
         )
     )
-    with pytest.raises(ValueError, match="tokenizer has 4096 tokens but MixtralForCausalLM embeds 1024"):
+    with pytest.raises(
+        ValueError, match="tokenizer has 4096 tokens but MixtralForCausalLM embeds 1024"
+    ):
         build_hf_model(cfg, vocab_size=4096)
