@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import find_moe_blocks
@@ -36,7 +35,7 @@ from .hf import (
     model_type_of,
     set_model_aux_loss,
 )
-from .tiny import LMOutput
+from .tiny import LMOutput, lm_output
 
 logger = logging.getLogger("moespec")
 
@@ -140,22 +139,16 @@ class HFCausalLM(nn.Module):
     ) -> LMOutput:
         config = self.hf_model.config
         out = self.model(input_ids=input_ids, use_cache=False)
-        logits = out.logits
-        if labels is None:
-            return LMOutput(logits=logits)
-        b, s = input_ids.shape
-        token_losses = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=ignore_index,
-            reduction="none",
-        ).view(b, s)
-        valid = (labels != ignore_index).float()
-        loss = (token_losses * valid).sum() / valid.sum().clamp_min(1.0)
+        result = lm_output(out.logits, labels, ignore_index)
         aux = getattr(out, "aux_loss", None)
-        if aux is not None and getattr(config, "output_router_logits", False):
-            loss = loss + float(getattr(config, "router_aux_loss_coef", 0.0)) * aux.to(loss.dtype)
-        return LMOutput(logits=logits, loss=loss, token_losses=token_losses)
+        if (
+            result.loss is not None
+            and aux is not None
+            and getattr(config, "output_router_logits", False)
+        ):
+            coef = float(getattr(config, "router_aux_loss_coef", 0.0))
+            result.loss = result.loss + coef * aux.to(result.loss.dtype)
+        return result
 
     # -------------------------------------------------------------------- export
     def plain_state_dict(self) -> dict[str, torch.Tensor]:

@@ -120,6 +120,24 @@ class LMOutput:
     token_losses: torch.Tensor | None = field(default=None, repr=False)
 
 
+def lm_output(
+    logits: torch.Tensor, labels: torch.Tensor | None, ignore_index: int = -100
+) -> LMOutput:
+    """Per-token and mean cross-entropy of ``logits`` [B,S,V] against aligned ``labels`` [B,S]."""
+    if labels is None:
+        return LMOutput(logits=logits)
+    b, s = labels.shape
+    token_losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="none",
+    ).view(b, s)
+    valid = (labels != ignore_index).float()
+    loss = (token_losses * valid).sum() / valid.sum().clamp_min(1.0)
+    return LMOutput(logits=logits, loss=loss, token_losses=token_losses)
+
+
 class TinyMoELM(nn.Module):
     """Decoder-only MoE LM: embeddings, N MoE decoder layers, final norm, LM head."""
 
@@ -167,18 +185,7 @@ class TinyMoELM(nn.Module):
         cos, sin = self.rope_cos[:s].to(x.device), self.rope_sin[:s].to(x.device)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
-        if labels is None:
-            return LMOutput(logits=logits)
-        token_losses = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=ignore_index,
-            reduction="none",
-        ).view(b, s)
-        valid = (labels != ignore_index).float()
-        loss = (token_losses * valid).sum() / valid.sum().clamp_min(1.0)
-        return LMOutput(logits=logits, loss=loss, token_losses=token_losses)
+        return lm_output(self.lm_head(self.norm(x)), labels, ignore_index)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters."""
