@@ -101,6 +101,7 @@ ARCHS = [
     "mixtral",
     pytest.param("olmoe", marks=pytest.mark.slow),
     pytest.param("deepseek_v3", marks=pytest.mark.slow),
+    pytest.param("qwen2_moe", marks=pytest.mark.slow),
 ]
 
 
@@ -182,6 +183,9 @@ EP_CHECK = textwrap.dedent(
         if type(block).__name__ == "HFExpertParallelBlock":
             src = ref.get_submodule(name)
             block.router.weight.data.copy_(src.gate.weight)
+            if hasattr(src.gate, "e_score_correction_bias"):  # DeepSeek-V3: selection uses it
+                src.gate.e_score_correction_bias.normal_(0, 0.3)
+                block.router.score_correction_bias.copy_(src.gate.e_score_correction_bias)
             for e, x in enumerate(block.moe.deepspeed_moe.experts.deepspeed_experts):
                 x.gate_up.weight.data.copy_(src.experts.gate_up_proj[e])
                 x.down.weight.data.copy_(src.experts.down_proj[e])
@@ -196,7 +200,9 @@ EP_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch", ["qwen3_moe", "deepseek_v3", pytest.param("mixtral", marks=pytest.mark.slow)]
+)
 def test_expert_parallel_block_matches_hf_block(train_env, arch):
     proc = subprocess.run(
         [sys.executable, "-c", EP_CHECK, arch],
@@ -209,8 +215,23 @@ def test_expert_parallel_block_matches_hf_block(train_env, arch):
     assert proc.returncode == 0 and f"ok {arch}" in proc.stdout, proc.stderr[-4000:]
 
 
+EP_ARCHS = [
+    "qwen3_moe",
+    "deepseek_v3",
+    pytest.param("qwen2_moe", marks=pytest.mark.slow),
+    pytest.param("olmoe", marks=pytest.mark.slow),
+    pytest.param("mixtral", marks=pytest.mark.slow),
+]
+
+
 @pytest.mark.multiproc
-def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path):
+@pytest.mark.parametrize("arch", EP_ARCHS)
+def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
+    """3 steps with EP=2 over 2 ranks; the export holds each rank's trained experts."""
+    from transformers import AutoModelForCausalLM
+
+    from moespec.hooks import find_moe_blocks
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -227,35 +248,36 @@ def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path):
     proc = _train(
         run_train,
         run_dir,
-        ["experiment=qwen3_moe_tiny", "moe=deepspeed", "moe.ep_size=2"],
+        [f"experiment={arch}_tiny", "moe=deepspeed", "moe.ep_size=2", "loss=specialization"],
         launcher=launcher,
     )
-    assert "expert parallel: 2 qwen3_moe MoE blocks" in proc.stderr + proc.stdout
-    from safetensors.torch import load_file
-
-    exported = load_file(run_dir / "hf_model" / "model.safetensors")
+    assert f"expert parallel: 2 {arch} MoE blocks" in proc.stderr + proc.stdout
+    plain = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    state = plain.state_dict()
     ckpt = sorted((run_dir / "checkpoints").glob("step*"))[-1]
     module = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    for layer in range(2):
-        prefix = f"model.model.layers.{layer}.mlp.moe.deepspeed_moe."
+    blocks = [name for name, _ in find_moe_blocks(plain)]
+    assert len(blocks) == 2
+    for layer, name in enumerate(blocks):
+        prefix = f"model.{name}.moe.deepspeed_moe."
         torch.testing.assert_close(
-            exported[f"model.layers.{layer}.mlp.gate.weight"], module[prefix + "gate.router.weight"]
+            state[f"{name}.gate.weight"].float(), module[prefix + "gate.router.weight"].float()
         )
         for e in range(4):  # experts 0-1 trained on rank 0, 2-3 on rank 1
             sd = torch.load(
                 ckpt / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt", weights_only=False
             )
             key = prefix + f"experts.deepspeed_experts.{e}."
-            out = f"model.layers.{layer}.mlp.experts.{e}."  # save_pretrained's per-expert layout
-            gate_up = torch.cat(
-                [exported[out + "gate_proj.weight"], exported[out + "up_proj.weight"]]
+            torch.testing.assert_close(
+                state[f"{name}.experts.gate_up_proj"][e], sd[key + "gate_up.weight"]
             )
-            torch.testing.assert_close(gate_up, sd[key + "gate_up.weight"])
-            torch.testing.assert_close(exported[out + "down_proj.weight"], sd[key + "down.weight"])
-    q = "model.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(exported[q], module["model." + q])
-    (plain,) = plain_logits([run_dir / "hf_model"], tmp_path)
-    assert plain.shape == (2, 16, VOCAB) and torch.isfinite(plain).all()
+            torch.testing.assert_close(
+                state[f"{name}.experts.down_proj"][e], sd[key + "down.weight"]
+            )
+    q = "model.layers.0.self_attn.o_proj.weight"
+    torch.testing.assert_close(state[q], module["model." + q])
+    (logits,) = plain_logits([run_dir / "hf_model"], tmp_path)
+    assert logits.shape == (2, 16, VOCAB) and torch.isfinite(logits).all()
 
 
 def _unsupported_config(tmp_path: Path) -> Path:

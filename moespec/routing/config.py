@@ -59,6 +59,10 @@ class LossConfig:
 class RouterConfig:
     """Router: linear gate, score function, top-k, optional jitter and score-correction bias.
 
+    DeepSeek-V3 style routing: ``num_groups`` groups of experts of which the ``topk_groups``
+    best (by the sum of each group's two best scores) may be chosen, and gate weights
+    multiplied by ``scaling``.
+
     ``normalize_topk`` renormalises the k gate weights to sum 1 when k > 1; with k = 1 the raw
     probability is kept (Switch style) so the gate still receives a task gradient.
     """
@@ -70,6 +74,9 @@ class RouterConfig:
     jitter: float = 0.0
     score_bias: bool = False
     bias_update_rate: float = 1e-3
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -132,6 +139,27 @@ def validate_router_config(cfg: RouterConfig) -> None:
         )
     if cfg.score_func not in SCORE_FUNCS:
         raise ValueError(f"router.score_func={cfg.score_func!r}; valid: {', '.join(SCORE_FUNCS)}")
+    if (
+        not isinstance(cfg.num_groups, int)
+        or cfg.num_groups < 1
+        or cfg.num_experts % cfg.num_groups
+    ):
+        raise ValueError(
+            f"router.num_groups={cfg.num_groups!r} must be >= 1 and divide num_experts={cfg.num_experts}"
+        )
+    if not isinstance(cfg.topk_groups, int) or not 1 <= cfg.topk_groups <= cfg.num_groups:
+        raise ValueError(
+            f"router.topk_groups={cfg.topk_groups!r}; valid: 1 <= topk_groups <= num_groups"
+        )
+    if cfg.top_k > cfg.topk_groups * (cfg.num_experts // cfg.num_groups):
+        raise ValueError(
+            f"router.top_k={cfg.top_k} exceeds the {cfg.topk_groups * (cfg.num_experts // cfg.num_groups)} "
+            "experts of the topk_groups groups it may choose from"
+        )
+    if not (
+        isinstance(cfg.scaling, int | float) and math.isfinite(cfg.scaling) and cfg.scaling > 0
+    ):
+        raise ValueError(f"router.scaling must be a finite number > 0, got {cfg.scaling!r}")
     for key in ("jitter", "bias_update_rate"):
         v = getattr(cfg, key)
         if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):

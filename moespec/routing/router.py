@@ -110,15 +110,28 @@ class Router(nn.Module):
             dist_scores = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.config.score_bias:
             select = select + self.score_correction_bias
+        if self.config.num_groups > 1:
+            select = self._mask_groups(select)
         idx = select.topk(self.top_k, dim=-1).indices
         weights = probs.gather(1, idx)
         if self.config.normalize_topk and self.top_k > 1:
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.config.scaling != 1.0:
+            weights = weights * self.config.scaling
         out = RouterOutput(logits=logits, scores=dist_scores, idx=idx, weights=weights)
         self._compute_losses(out)
         if self.training and self.config.score_bias:
             self._update_score_bias(idx)
         return out
+
+    def _mask_groups(self, select: torch.Tensor) -> torch.Tensor:
+        """Keep only the experts of each token's ``topk_groups`` best groups (DeepSeek-V3)."""
+        g = self.config.num_groups
+        grouped = select.view(-1, g, self.num_experts // g)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        best = group_scores.topk(self.config.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(select)
 
     def _compute_losses(self, out: RouterOutput) -> None:
         cfg = self.config.loss
@@ -161,6 +174,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def _update_score_bias(self, idx: torch.Tensor) -> None:
         """Aux-loss-free balancing: push the bias of overloaded experts down, underloaded up."""
+        if self.config.bias_update_rate == 0:
+            return
         counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
