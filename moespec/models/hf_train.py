@@ -280,9 +280,8 @@ class HFExpert(nn.Module):
 
 
 def _deepspeed_moe_class() -> type:
-    from deepspeed.moe.experts import Experts
 
-    from ..moe.deepspeed import DeepSpeedMoELayer, MoespecGate, MoespecMOELayer
+    from ..moe.deepspeed import DeepSpeedMoELayer
 
     class HFDeepSpeedMoE(DeepSpeedMoELayer):
         """A moespec ``DeepSpeedMoELayer`` holding this rank's share of an HF block's experts."""
@@ -299,26 +298,9 @@ def _deepspeed_moe_class() -> type:
             drop_tokens: bool,
             layer_index: int | None,
         ) -> None:
-            nn.Module.__init__(self)
-            e = router_config.num_experts
-            if e % ep_size:
-                raise ValueError(
-                    f"the model's {e} experts per block are not divisible by moe.ep_size={ep_size}"
-                )
-            self.use_residual = False
-            self.enable_expert_tensor_parallelism = False
-            self.ep_size = ep_size
-            self.expert_group_name = f"ep_size_{ep_size}"
-            self.num_experts = e
-            self.num_local_experts = e // ep_size
-            self.hidden_size = hidden_size
-            router = Router(hidden_size, router_config, layer_index=layer_index)
+            router = self._init_parallel(hidden_size, router_config, ep_size, layer_index)
             template = HFExpert(hidden_size, ffn_size, act_fn)
-            experts = Experts(template, self.num_local_experts, self.expert_group_name)
-            gate = MoespecGate(router, capacity_factor, drop_tokens)
-            self.deepspeed_moe = MoespecMOELayer(
-                gate, experts, self.expert_group_name, ep_size, self.num_local_experts
-            )
+            self._init_experts(router, template, capacity_factor, drop_tokens)
             self.shared_expert = None
 
     return HFDeepSpeedMoE

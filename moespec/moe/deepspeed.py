@@ -149,37 +149,50 @@ class DeepSpeedMoELayer(MoE):
         *,
         layer_index: int | None = None,
     ) -> None:
-        nn.Module.__init__(self)
-        e, ep = router_config.num_experts, moe.ep_size
-        if e % ep:
-            raise ValueError(f"moe.num_experts={e} is not divisible by moe.ep_size={ep}")
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.ep_size = ep
-        self.expert_group_name = f"ep_size_{ep}"
-        self.num_experts = e
-        self.num_local_experts = e // ep
-        self.hidden_size = hidden_size
-
-        router = Router(hidden_size, router_config, layer_index=layer_index)
+        router = self._init_parallel(hidden_size, router_config, moe.ep_size, layer_index)
+        e = router_config.num_experts
         full = FusedExperts(e, hidden_size, moe.ffn_size)  # same RNG draws as the native layer
         with torch.random.fork_rng(devices=[]):  # the template's init is overwritten below
             template = SwiGLUExpert(hidden_size, moe.ffn_size)
-        experts = Experts(template, self.num_local_experts, self.expert_group_name)
-        rank = self._ep_rank()
+        experts = self._init_experts(router, template, moe.capacity_factor, moe.drop_tokens)
         with torch.no_grad():
-            for i, expert in enumerate(experts.deepspeed_experts):
-                g = rank * self.num_local_experts + i
-                expert.gate_up.weight.copy_(full.gate_up[g].T)
-                expert.down.weight.copy_(full.down[g].T)
+            for i, g in enumerate(self.local_expert_ids()):
+                experts.deepspeed_experts[i].gate_up.weight.copy_(full.gate_up[g].T)
+                experts.deepspeed_experts[i].down.weight.copy_(full.down[g].T)
         del full
-        gate = MoespecGate(router, moe.capacity_factor, moe.drop_tokens)
-        self.deepspeed_moe = MoespecMOELayer(
-            gate, experts, self.expert_group_name, ep, self.num_local_experts
-        )
         self.shared_expert = (
             SwiGLU(hidden_size, moe.shared_expert_size) if moe.shared_expert_size > 0 else None
         )
+
+    def _init_parallel(
+        self, hidden_size: int, router_config: RouterConfig, ep_size: int, layer_index: int | None
+    ) -> Router:
+        """Set what DeepSpeed's ``MoE`` and engine read (without ``MoE.__init__``); the router."""
+        nn.Module.__init__(self)
+        e = router_config.num_experts
+        if e % ep_size:
+            raise ValueError(
+                f"{e} experts per MoE layer are not divisible by moe.ep_size={ep_size}"
+            )
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_experts = e
+        self.num_local_experts = e // ep_size
+        self.hidden_size = hidden_size
+        return Router(hidden_size, router_config, layer_index=layer_index)
+
+    def _init_experts(
+        self, router: Router, template: nn.Module, capacity_factor: float, drop_tokens: bool
+    ) -> Experts:
+        """This rank's copies of ``template`` and the ``MOELayer`` that routes to them."""
+        experts = Experts(template, self.num_local_experts, self.expert_group_name)
+        gate = MoespecGate(router, capacity_factor, drop_tokens)
+        self.deepspeed_moe = MoespecMOELayer(
+            gate, experts, self.expert_group_name, self.ep_size, self.num_local_experts
+        )
+        return experts
 
     def _ep_rank(self) -> int:
         if self.ep_size == 1:
