@@ -114,7 +114,8 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
 @pytest.mark.parametrize(
     "override,needle",
     [
-        ("loss.orthogonalty.weight=1e-4", "orthogonalty"),
+        ("loss.orthogonalty.weight=1e-4", "Key 'orthogonalty' not in 'LossConfig'"),
+        ("experiment=nope", "valid: deepseek_v3_tiny, demo"),
         ("data.source=/nonexistent/corpus.jsonl", "/nonexistent/corpus.jsonl"),
         ("moe.top_k=9", "moe.top_k=9"),
         ("loss.z.weight=1e38", "non-finite loss"),
@@ -126,8 +127,8 @@ def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):
         [*FAST, "trainer.max_steps=4", "trainer.save_every=1", override, f"hydra.run.dir={run_dir}"]
     )
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if needle in ln]
-    assert lines, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
     if ckpts.is_dir():  # anything written before the failure is complete
