@@ -419,7 +419,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(body)
     if not args.no_write:
-        section = "bench_moe_layer" if args.device == "cpu" else f"bench_moe_layer ({args.device}, {args.dtype})"
+        section = (
+            "bench_moe_layer"
+            if args.device == "cpu"
+            else f"bench_moe_layer ({args.device}, {args.dtype})"
+        )
         print(f"\nwritten to {write_section(section, body)}")
 
 

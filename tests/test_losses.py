@@ -1,4 +1,4 @@
-"""Routing losses against slow per-token references that follow DESIGN §2 literally."""
+"""Routing losses against slow per-token references that follow the formulas literally."""
 
 import math
 

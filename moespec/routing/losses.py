@@ -1,4 +1,4 @@
-"""Routing losses (DESIGN §2): pure functions, tensors in, float32 scalar out.
+"""Routing losses (arXiv 2505.22323 and the Switch/GShard aux loss): pure functions, tensors in, float32 scalar out.
 
 Notation: T tokens, E routed experts, k selected experts per token, H hidden size.
 All functions are vectorised over tokens and compute in float32 (float64 stays float64).

@@ -1,4 +1,4 @@
-"""Specialization metrics (DESIGN §3) and a window accumulator of routing statistics.
+"""Specialization metrics and a window accumulator of routing statistics.
 
 Each metric is a small function of accumulated counts so that it can be checked by hand;
 :class:`RoutingStats` sums what they need over a logging window (and across ranks).
