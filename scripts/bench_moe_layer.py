@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-gather-gb", type=float, default=4.0, help="skip batched_mm above this")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rounds < 2 or args.loss_rounds < 2:
+        p.error("--rounds and --loss-rounds must be at least 2 (medians and quartiles of ratios)")
+    return args
 
 
 def sync(device: torch.device) -> None:
@@ -341,7 +344,24 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"DeepSpeed MoE skipped: {type(exc).__name__}: {str(exc)[:160]}")
             ds = None
 
+    mb = None
+    if device.type == "cuda":
+        try:
+            from moespec.moe.megablocks import MegaBlocksMoELayer
+
+            mb = MegaBlocksMoELayer.from_native(ours).to(dtype=dtype)
+            check_outputs(ours, {"megablocks": mb}, x, grad_out)
+        except Exception as exc:  # needs the gpu extra (megablocks, grouped_gemm)
+            notes.append(f"MegaBlocks dMoE skipped: {type(exc).__name__}: {str(exc)[:160]}")
+            mb = None
+    else:
+        notes.append("MegaBlocks dMoE is CUDA only: not measured on CPU.")
+
     variants = [Variant("moespec MoELayer", layer_step(ours, x, grad_out, router_losses=True))]
+    if mb is not None:
+        variants.append(
+            Variant("moespec on MegaBlocks dMoE", layer_step(mb, x, grad_out, router_losses=True))
+        )
     variants += [
         Variant(f"transformers Qwen3MoeSparseMoeBlock ({impl})", layer_step(m, x, grad_out))
         for impl, m in hf_impls.items()
