@@ -30,17 +30,16 @@ from ..routing import (
     TokenContext,
     collect_router_losses,
     collect_routing_stats,
-    validate_router_config,
+    iter_routers,
 )
-from ..routing.metrics import RoutingStats
-from ..routing.router import LossWeights
+from ..routing.router import ATTACHED_ROUTER_ATTR
 
 logger = logging.getLogger("moespec")
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 _SIGMOID_MODEL_TYPES = ("deepseek_v3",)
 _NO_MODEL_AUX_LOSS = ("deepseek_v3",)  # aux-loss-free balancing: the model never adds one
-PROBE_ATTR = "_moespec_router"  # plain (unregistered) attribute of a block holding its probe
+PROBE_ATTR = ATTACHED_ROUTER_ATTR  # plain (unregistered) attribute of a block holding its probe
 _HOOK_GROUP = "moespec.hf"
 
 
@@ -115,7 +114,7 @@ class HFRouterProbe(Router):
         num_experts, hidden = gate.weight.shape
         _check_experts(experts, num_experts, hidden, type(block).__name__)
         sigmoid = model_type in _SIGMOID_MODEL_TYPES
-        self.config = RouterConfig(
+        config = RouterConfig(
             num_experts=int(num_experts),
             top_k=int(gate.top_k),
             score_func="sigmoid" if sigmoid else "softmax",
@@ -123,20 +122,10 @@ class HFRouterProbe(Router):
             score_bias=False,  # the block's e_score_correction_bias is left to the model
             loss=loss_config,
         )
-        validate_router_config(self.config)
-        self.hidden_size = int(hidden)
-        self.num_experts = int(num_experts)
-        self.top_k = int(gate.top_k)
-        self.layer_index = layer_index
+        self._init_state(int(hidden), config, layer_index)
         self.name = name
         self.model_type = model_type
-        self.loss_weights = LossWeights(loss_config)
-        self.stats = RoutingStats(self.num_experts)
-        self.token_context: TokenContext | None = None
-        self.track_stats = True
         self.track_overlap = True  # the overlap metric costs one extra expert pass in eval
-        self.raw_losses: dict[str, torch.Tensor] = {}
-        self._pending_outputs = False
         object.__setattr__(self, "block", block)
         object.__setattr__(self, "gate", gate)
         object.__setattr__(self, "experts", experts)
@@ -172,8 +161,6 @@ class HFRouterProbe(Router):
         elif self.track_stats and self.track_overlap:
             with torch.no_grad():
                 self.record_expert_outputs(routed_expert_outputs(self.experts, x, idx))
-        else:
-            self._pending_outputs = False
         return out
 
     def replay(self, hidden_states: torch.Tensor, gate_output: tuple[torch.Tensor, ...]) -> None:
@@ -350,19 +337,14 @@ def _make_gate_hook(probe: HFRouterProbe):
 
 def iter_attached_routers(model: nn.Module) -> list[HFRouterProbe]:
     """The probes attached to ``model``'s MoE blocks, in module order."""
-    found = []
-    for m in model.modules():
-        probe = m.__dict__.get(PROBE_ATTR)
-        if isinstance(probe, HFRouterProbe):
-            found.append(probe)
-    return found
+    return [r for r in iter_routers(model) if isinstance(r, HFRouterProbe)]
 
 
 def collect_losses(model_or_handle: nn.Module | AttachHandle, **kw: Any) -> CollectedLosses:
     """``collect_router_losses`` over the probes attached to a model (or held by a handle)."""
     if isinstance(model_or_handle, AttachHandle):
         return model_or_handle.collect_losses(**kw)
-    return collect_router_losses(nn.ModuleList(iter_attached_routers(model_or_handle)), **kw)
+    return collect_router_losses(model_or_handle, **kw)
 
 
 # ------------------------------------------------------------------ the model's own aux loss

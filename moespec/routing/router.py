@@ -73,21 +73,24 @@ class Router(nn.Module):
         self, hidden_size: int, config: RouterConfig, *, layer_index: int | None = None
     ) -> None:
         super().__init__()
+        self._init_state(hidden_size, config, layer_index)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+        self.register_buffer("score_correction_bias", torch.zeros(config.num_experts))
+
+    def _init_state(self, hidden_size: int, config: RouterConfig, layer_index: int | None) -> None:
+        """Config, loss weights and statistics: everything but the gate weight and the bias."""
         validate_router_config(config)
         self.config = config
         self.hidden_size = hidden_size
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.layer_index = layer_index
-        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size))
-        nn.init.normal_(self.weight, std=hidden_size**-0.5)
-        self.register_buffer("score_correction_bias", torch.zeros(config.num_experts))
         self.loss_weights = LossWeights(config.loss)
         self.stats = RoutingStats(config.num_experts)
         self.token_context: TokenContext | None = None
         self.track_stats = True
         self.raw_losses: dict[str, torch.Tensor] = {}
-        self._pending_outputs = False
 
     # ------------------------------------------------------------------ routing
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +153,6 @@ class Router(nn.Module):
         if float(self.loss_weights.zeta) > 0:
             raw["z"] = L.z_loss(out.logits)
         self.raw_losses = raw
-        self._pending_outputs = True
         if self.track_stats:
             dom = ctx.domain_ids if ctx is not None else None
             if dom is not None and dom.numel() != out.idx.shape[0]:
@@ -169,7 +171,6 @@ class Router(nn.Module):
             self.stats.update_overlap(
                 float(L.output_overlap(expert_outputs)), expert_outputs.shape[0]
             )
-        self._pending_outputs = False
 
     @torch.no_grad()
     def _update_score_bias(self, idx: torch.Tensor) -> None:
