@@ -26,6 +26,7 @@ from ..routing import (
     TokenContext,
     clear_router_losses,
     collect_router_losses,
+    collect_routing_stats,
     iter_routers,
     set_token_context,
 )
@@ -161,12 +162,11 @@ def window_statistics(
     model: nn.Module,
 ) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray | None]:
     """Per-layer metrics, load fractions [L,E] and expert×domain counts [L,E,D]; new window."""
-    per_layer, loads, joints = [], [], []
-    for r in iter_routers(model):
-        r.stats.all_reduce()
-        per_layer.append(r.stats.compute())
-        loads.append(load_fraction(r.stats.slot_counts).numpy())
-        joints.append(r.stats.domain_counts.numpy())
+    per_layer = collect_routing_stats(model, reset=False)
+    routers = iter_routers(model)
+    loads = [load_fraction(r.stats.slot_counts).numpy() for r in routers]
+    joints = [r.stats.domain_counts.numpy() for r in routers]
+    for r in routers:
         r.stats.reset()
     load = np.stack(loads) if loads else np.zeros((0, 0))
     width = max((j.shape[1] for j in joints), default=0)
