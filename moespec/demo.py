@@ -7,7 +7,6 @@ Both runs use DeepSpeed's expert-parallel MoE (``moe.backend=deepspeed moe.ep_si
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -16,16 +15,9 @@ import time
 from pathlib import Path
 
 from .paths import torch_extensions_dir
+from .train.compare import load_run, markdown_table, plot_curves
 
 RUNS = ("aux_only", "specialization")
-ROWS = [
-    ("val/loss", "validation loss", "lower"),
-    ("routing/maxvio", "MaxVio (load imbalance)", None),
-    ("routing/variance", "routing variance", "higher"),
-    ("routing/output_overlap", "expert output overlap", "lower"),
-    ("routing/domain_mi", "domain MI (normalised)", "higher"),
-    ("routing/dead_experts", "dead experts", None),
-]
 
 
 def _free_port() -> int:
@@ -64,29 +56,11 @@ def launch(loss: str, out_dir: Path, ranks: int, overrides: list[str]) -> Path:
     return run_dir
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def report(run_dirs: dict[str, Path]) -> str:
-    """Side-by-side table of the two runs and a verdict on specialization."""
-    summaries = {k: json.loads((d / "summary.json").read_text()) for k, d in run_dirs.items()}
-    base, spec = summaries["aux_only"], summaries["specialization"]
-    domains = sorted(
-        {k.split("/", 2)[2] for s in summaries.values() for k in s if k.startswith("val/loss/")}
-    )
-    rows = (
-        ROWS[:1]
-        + [(f"val/loss/{d}", f"  validation loss: {d}", "lower") for d in domains]
-        + ROWS[1:]
-    )
-    lines = [f"{'metric':<30} {'aux_only':>12} {'specialization':>15}   better", "-" * 68]
-    for key, label, better in rows:
-        a, b = base.get(key), spec.get(key)
-        mark = ""
-        if better and a is not None and b is not None and a != b:
-            mark = "specialization" if (b < a) == (better == "lower") else "aux_only"
-        lines.append(f"{label:<30} {_fmt(a):>12} {_fmt(b):>15}   {mark}")
+    """Side-by-side table of the two runs, a verdict on specialization and where to look next."""
+    runs = [load_run(d) for d in run_dirs.values()]
+    base, spec = (r.summary for r in runs)
+    lines = [markdown_table(runs, list(run_dirs))]
     overlap_fell = spec.get("routing/output_overlap", 1) < base.get("routing/output_overlap", 0)
     mi_rose = spec.get("routing/domain_mi", 0) > base.get("routing/domain_mi", 1)
     if overlap_fell and mi_rose:
@@ -96,7 +70,9 @@ def report(run_dirs: dict[str, Path]) -> str:
         verdict = f"Specialization partly rose: {what}, the other metric did not improve."
     else:
         verdict = "Specialization did not rise in this run (try more steps or other loss weights)."
-    lines += ["", verdict, ""]
+    out_dir = Path(os.path.commonpath(list(run_dirs.values())))
+    curves = plot_curves(runs, list(run_dirs), out_dir / "comparison.png")
+    lines += ["", verdict, "", f"metric curves of both runs: {curves}"]
     for name, d in run_dirs.items():
         load_maps = sorted((d / "plots").glob("expert_load_step*.png"))
         domain_maps = sorted((d / "plots").glob("expert_domain_step*.png"))

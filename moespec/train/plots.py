@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_load_heatmap(load: np.ndarray, path: Path, step: int) -> Path:
@@ -46,6 +47,35 @@ def plot_domain_heatmap(joint: np.ndarray, domains: list[str], path: Path, step:
             ax.set_ylabel("expert  (rows: P(domain | expert))", fontsize=8)
     fig.suptitle(f"expert × domain, step {step}", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_curves(
+    curves: dict[str, list[tuple[str, list[int], list[float]]]], path: Path
+) -> Path:
+    """``curves[metric]`` = [(run label, steps, values)]: one panel per metric, a line per run."""
+    if not curves:
+        raise ValueError("no metric to plot: none of the runs logged one")
+    cols = min(3, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (metric, lines) in zip(axes.flat, curves.items()):
+        for label, steps, values in lines:
+            if steps:
+                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * ((len(labels) - 1) // 3), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

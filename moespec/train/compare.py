@@ -1,0 +1,246 @@
+"""Compare training runs: a table of their final metrics and a plot of the metrics over steps.
+
+    moespec-compare multirun/2026-11-25/23-02-55             # every run of a Hydra sweep
+    moespec-compare runs/demo/aux_only runs/demo/specialization --plot demo.png
+
+Each argument is a run directory (it holds ``metrics.jsonl``) or a sweep directory whose
+sub-directories are runs. Runs are labelled by the Hydra overrides that differ between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+#: (metric key, label, which way is better: "lower", "higher" or None)
+TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
+    ("val/loss", "validation loss", "lower"),
+    ("train/lm_loss", "train LM loss (last step)", "lower"),
+    ("routing/output_overlap", "expert output overlap", "lower"),
+    ("routing/token_overlap", "expert token-set overlap", "lower"),
+    ("routing/domain_mi", "domain MI (normalised)", "higher"),
+    ("routing/variance", "routing variance", "higher"),
+    ("routing/maxvio", "MaxVio (load imbalance)", None),
+    ("routing/load_cv", "load CV", None),
+    ("routing/dead_experts", "dead experts", None),
+    ("weights/beta", "β (orthogonality weight)", None),
+    ("weights/gamma", "γ (variance weight)", None),
+)
+#: The panels of the curves plot, in order; missing ones are skipped.
+PLOT_METRICS: tuple[str, ...] = (
+    "train/lm_loss",
+    "val/loss",
+    "routing/output_overlap",
+    "routing/domain_mi",
+    "routing/variance",
+    "routing/maxvio",
+)
+
+
+class CompareError(ValueError):
+    """A path given to ``moespec-compare`` is not a run or sweep directory."""
+
+
+@dataclass
+class Run:
+    """One training run as its directory holds it."""
+
+    path: Path
+    history: list[dict] = field(default_factory=list)  # rows of metrics.jsonl, alerts excluded
+    alerts: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # .hydra/overrides.yaml
+    summary: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def last_step(self) -> int:
+        return max((int(r["step"]) for r in self.history if "step" in r), default=0)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``key`` over the run."""
+        rows = [r for r in self.history if key in r and "step" in r]
+        return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
+
+
+def load_run(path: Path) -> Run:
+    """Read ``metrics.jsonl``, ``summary.json`` and the Hydra overrides of one run directory."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise CompareError(f"{path}: no metrics.jsonl (not a moespec run directory)")
+    run = Run(path=path)
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CompareError(f"{metrics}:{number}: not JSON ({err.msg})") from None
+        if "alert" in row:
+            run.alerts.append(str(row["alert"]))
+        else:
+            run.history.append(row)
+    # The last value of each run-level metric; summary.json (written at the end) wins.
+    for row in run.history:
+        run.summary.update({k: v for k, v in row.items() if "/" in k and not k.startswith("layer")})
+    summary = path / "summary.json"
+    if summary.is_file():
+        run.summary.update(json.loads(summary.read_text()))
+    overrides = path / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        run.overrides = [str(o) for o in OmegaConf.load(overrides)]
+    return run
+
+
+def _sort_key(path: Path) -> tuple[int, int | str]:
+    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Runs named by ``paths``: run directories, or sweep directories holding runs."""
+    if not paths:
+        raise CompareError("give at least one run or sweep directory")
+    runs = []
+    for path in paths:
+        if not path.exists():
+            raise CompareError(f"{path}: no such directory")
+        if (path / "metrics.jsonl").is_file():
+            runs.append(load_run(path))
+            continue
+        children = sorted(
+            (p for p in path.iterdir() if (p / "metrics.jsonl").is_file()), key=_sort_key
+        )
+        if not children:
+            raise CompareError(
+                f"{path}: neither a run directory (no metrics.jsonl) nor a sweep directory "
+                "(no sub-directory holds one); give hydra.run.dir or hydra.sweep.dir of a run"
+            )
+        runs.extend(load_run(p) for p in children)
+    return runs
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """Label each run by the overrides that differ between the runs, else by its directory."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r.overrides) for r in runs]
+    keys = sorted({k for p in parsed for k in p})
+    differing = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    labels = [
+        " ".join(f"{k}={p[k]}" for k in differing if k in p) or r.path.name
+        for p, r in zip(parsed, runs)
+    ]
+    if len(set(labels)) < len(labels):  # same overrides (e.g. two seeds of one recipe)
+        labels = [f"{label} ({r.path.name})" for label, r in zip(labels, runs)]
+    return labels
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def table_rows(runs: list[Run]) -> list[tuple[str, str, str | None]]:
+    """The rows of the comparison: the default metrics plus per-domain validation loss."""
+    domains = sorted(
+        {k[len("val/loss/") :] for r in runs for k in r.summary if k.startswith("val/loss/")}
+    )
+    rows = list(TABLE_METRICS[:1])
+    rows += [(f"val/loss/{d}", f"validation loss: {d}", "lower") for d in domains]
+    rows += TABLE_METRICS[1:]
+    return [row for row in rows if any(row[0] in r.summary for r in runs)]
+
+
+def markdown_table(runs: list[Run], labels: list[str] | None = None) -> str:
+    """Runs as columns, metrics as rows; the best value of a row with a direction is bold."""
+    labels = labels or run_labels(runs)
+    lines = [
+        "| metric | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(runs),
+        "| steps | " + " | ".join(str(r.last_step) for r in runs) + " |",
+    ]
+    for key, label, better in table_rows(runs):
+        values = [r.summary.get(key) for r in runs]
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        best = None
+        if better and len(finite) > 1 and len(set(finite)) > 1:
+            best = min(finite) if better == "lower" else max(finite)
+        cells = [f"**{_fmt(v)}**" if v is not None and v == best else _fmt(v) for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(r.alerts for r in runs):
+        lines.append("| routing alarms | " + " | ".join(str(len(r.alerts)) for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[Run], labels: list[str], path: Path) -> Path:
+    """One panel per metric of ``PLOT_METRICS`` that any run logged, one line per run."""
+    from .plots import plot_metric_curves
+
+    curves = {
+        key: [(label, *run.series(key)) for run, label in zip(runs, labels)] for key in PLOT_METRICS
+    }
+    return plot_metric_curves(
+        {k: v for k, v in curves.items() if any(steps for _, steps, _ in v)}, path
+    )
+
+
+def _default_plot_path(paths: list[Path], runs: list[Run]) -> Path:
+    if len(paths) == 1 and not (paths[0] / "metrics.jsonl").is_file():
+        return paths[0] / "comparison.png"  # a sweep directory
+    return Path(os.path.commonpath([r.path.resolve() for r in runs])) / "comparison.png"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``moespec-compare``: print the table, write the plot; exit 2 with one line on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="moespec-compare",
+        description="Compare moespec training runs: final metrics side by side, curves over steps.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run directories or sweep directories")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="where the curves PNG goes (default: comparison.png beside the runs)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
+    parser.add_argument("--json", action="store_true", help="print the runs' final metrics as JSON")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    labels = run_labels(runs)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {"run": str(r.path), "label": lab, "steps": r.last_step, **r.summary}
+                    for r, lab in zip(runs, labels)
+                ],
+                indent=2,
+            )
+        )
+    else:
+        print(markdown_table(runs, labels))
+    if not args.no_plot:
+        target = args.plot or _default_plot_path(args.paths, runs)
+        try:
+            plot_curves(runs, labels, target)
+        except OSError as err:
+            print(f"error: cannot write the plot to {target}: {err.strerror}", file=sys.stderr)
+            return 2
+        print(f"\ncurves: {target}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""moespec-compare on a real Hydra sweep: table cells against summary.json, curves against metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moespec.train.compare import Run, find_runs, main, markdown_table, run_labels
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(run_train, tmp_path_factory) -> Path:
+    """Two smoke runs of one Hydra multirun sweep over the variance weight."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    proc = run_train(
+        [
+            "-m",
+            "experiment=smoke",
+            "loss.variance.weight=1e-3,1e-2",
+            "trainer.max_steps=4",
+            "trainer.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def _table_cells(table: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_sweep_table_matches_each_runs_summary(sweep_dir):
+    runs = find_runs([sweep_dir])
+    assert [r.path.name for r in runs] == ["0", "1"]
+    assert run_labels(runs) == ["loss.variance.weight=0.001", "loss.variance.weight=0.01"]
+    summaries = [json.loads((sweep_dir / n / "summary.json").read_text()) for n in ("0", "1")]
+    assert summaries[0]["weights/gamma"] == pytest.approx(1e-3)
+    assert summaries[1]["weights/gamma"] == pytest.approx(1e-2)
+    cells = _table_cells(markdown_table(runs))
+    assert cells["steps"] == ["4", "4"]
+    checked = 0
+    for key, label in [
+        ("val/loss", "validation loss"),
+        ("routing/output_overlap", "expert output overlap"),
+        ("routing/domain_mi", "domain MI (normalised)"),
+        ("routing/variance", "routing variance"),
+        ("routing/maxvio", "MaxVio (load imbalance)"),
+        ("weights/gamma", "γ (variance weight)"),
+    ]:
+        values = [s[key] for s in summaries]
+        shown = [float(c.strip("*")) for c in cells[label]]
+        assert shown == pytest.approx(values, rel=1e-3), key
+        bold = [c.startswith("**") for c in cells[label]]
+        if key in ("val/loss", "routing/output_overlap") and values[0] != values[1]:
+            assert bold == [v == min(values) for v in values], key
+        if key in ("routing/domain_mi", "routing/variance") and values[0] != values[1]:
+            assert bold == [v == max(values) for v in values], key
+        if key in ("routing/maxvio", "weights/gamma"):
+            assert not any(bold), key
+        checked += 1
+    assert checked == 6
+
+
+def test_cli_writes_curves_that_follow_metrics_jsonl(sweep_dir, capsys):
+    assert main([str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| metric | loss.variance.weight=0.001 | loss.variance.weight=0.01 |")
+    png = sweep_dir / "comparison.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"curves: {png}" in out
+    # The plotted series are exactly the logged rows (reference: a plain scan of the file).
+    for run in find_runs([sweep_dir]):
+        rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        for key in ("train/lm_loss", "val/loss", "routing/output_overlap"):
+            ref = [(r["step"], r[key]) for r in rows if key in r and "alert" not in r]
+            assert ref and list(zip(*run.series(key))) == ref
+
+
+def test_unfinished_run_reports_last_logged_values(sweep_dir, tmp_path, capsys):
+    run_dir = tmp_path / "cut"
+    shutil.copytree(sweep_dir / "0", run_dir)
+    (run_dir / "summary.json").unlink()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:1]) + "\n")
+    first = json.loads(lines[0])
+    (run,) = find_runs([run_dir])
+    assert run.last_step == first["step"]
+    expected = {k: v for k, v in first.items() if "/" in k and not k.startswith("layer")}
+    assert run.summary == expected
+    assert main([str(run_dir), "--json", "--no-plot"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown["steps"] == first["step"] and shown["train/lm_loss"] == first["train/lm_loss"]
+
+
+def test_bad_paths_fail_with_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing'}: no such directory"]
+
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a run directory" in err[0]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "tra\n')
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad / 'metrics.jsonl'}:2: not JSON")
+
+
+def test_labels_fall_back_to_directory_names(tmp_path):
+    def run(name: str, *overrides: str) -> Run:
+        return Run(path=tmp_path / name, overrides=list(overrides))
+
+    same = ("experiment=smoke", "loss=specialization")
+    assert run_labels([run("seed0", *same), run("seed1", *same)]) == ["seed0", "seed1"]
+    assert run_labels([run("a"), run("b")]) == ["a", "b"]
+    assert run_labels([run("a", "x=1"), run("b", "x=1", "y=2")]) == ["a", "y=2"]
+    assert run_labels([run("a", "x=1"), run("b", "x=1"), run("c", "x=2")]) == [
+        "x=1 (a)",
+        "x=1 (b)",
+        "x=2 (c)",
+    ]
