@@ -8,33 +8,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from .paths import torch_extensions_dir
 from .train.compare import load_run, markdown_table, plot_curves
+from .train.launch import deepspeed_launcher
 
 RUNS = ("aux_only", "specialization")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(loss: str, out_dir: Path, ranks: int, overrides: list[str]) -> Path:
     """Run one training under the DeepSpeed launcher; returns its run directory."""
     run_dir = out_dir / loss
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus", str(ranks),
-        "--master_port", str(_free_port()),
-        "--no_local_rank",
-        "--module", "moespec.train",
+        *deepspeed_launcher(ranks),
+        "moespec.train",
         "experiment=demo",
         f"loss={loss}",
         "moe=deepspeed",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from benchlib import markdown_table, time_fn, write_section  # noqa: E402
 
 from moespec.moe import MoELayer  # noqa: E402
 from moespec.routing import LossConfig, RouterConfig, collect_router_losses  # noqa: E402
+from moespec.train.launch import free_port  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -153,9 +153,7 @@ def init_single_process_group() -> None:
 
     if torch.distributed.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for key, value in {
         "RANK": "0",
         "LOCAL_RANK": "0",

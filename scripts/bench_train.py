@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,13 +16,9 @@ from pathlib import Path
 
 from benchlib import markdown_table, write_section
 
+from moespec.train.launch import deepspeed_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(name: str, overrides: list[str], ranks: int, steps: int, workdir: Path) -> float:
@@ -38,9 +33,7 @@ def run(name: str, overrides: list[str], ranks: int, steps: int, workdir: Path) 
     if ranks == 1:
         cmd = [sys.executable, "-m", "moespec.train", *args]
     else:
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_port()), "--no_local_rank",
-               "--module", "moespec.train", *args]  # fmt: skip
+        cmd = [*deepspeed_launcher(ranks), "moespec.train", *args]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks)),

@@ -1,7 +1,6 @@
 """Expert parallelism: 2 ranks with EP=2 give the losses and gradients of one process."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig, collect_router_losses
+from moespec.train.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "ep_layer.py"
@@ -52,9 +52,7 @@ def reference(batch: torch.Tensor) -> dict:
 @pytest.mark.multiproc
 def test_ep2_matches_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     torchrun = str(Path(sys.executable).parent / "torchrun")
     cmd = [
         torchrun,

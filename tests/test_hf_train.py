@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -231,19 +230,9 @@ def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
     from moespec.hooks import find_moe_blocks
+    from moespec.train.launch import deepspeed_launcher
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "--no_local_rank",
-        "--module",
-    ]
+    launcher = deepspeed_launcher(2)
     run_dir = tmp_path / "ep"
     proc = _train(
         run_train,

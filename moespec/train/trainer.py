@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataBundle, batch_iterator, build_data
+from .launch import free_port
 from .logging import MetricsLogger, loss_metrics, routing_metrics
 
 log = logging.getLogger("moespec")
@@ -46,19 +46,13 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
