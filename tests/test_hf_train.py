@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -212,6 +213,86 @@ def test_expert_parallel_block_matches_hf_block(train_env, arch):
         timeout=300,
     )
     assert proc.returncode == 0 and f"ok {arch}" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_resume_keeps_calibrated_weights(run_train, read_metrics, tmp_path):
+    """HF routers live outside the model state: β/γ come back from the trainer state."""
+    run_dir = tmp_path / "resume"
+    args = [*FAST, "experiment=qwen3_moe_tiny", "trainer.max_steps=8", "trainer.log_every=1"]
+    args.append(f"hydra.run.dir={run_dir}")
+    proc = run_train([*args, "trainer.stop_after=4"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "calibrated loss weights" in proc.stdout + proc.stderr
+    proc = run_train([*args, "trainer.resume=auto"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "calibrated loss weights" not in proc.stdout + proc.stderr
+    rows = [r for r in read_metrics(run_dir) if "weights/beta" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for key in ("weights/beta", "weights/gamma"):
+        values = {r[key] for r in rows}
+        assert len(values) == 1 and math.isfinite(values.pop()), key
+
+
+EP_TOP1_CHECK = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoConfig
+    from moespec.hooks import find_moe_blocks
+    from moespec.models.hf_train import HFExpertParallelBlock
+    from moespec.moe import MoEConfig
+    from moespec.routing import LossConfig
+    from moespec.train.trainer import init_distributed
+    from transformers import AutoModelForCausalLM
+
+    init_distributed()
+    arch = sys.argv[1]
+    cfg = AutoConfig.from_pretrained("recipes/model/configs/" + arch + "_tiny.json")
+    cfg.num_experts_per_tok = 1
+    torch.manual_seed(0)
+    (_, block), *_ = find_moe_blocks(AutoModelForCausalLM.from_config(cfg))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ep = HFExpertParallelBlock(block, arch, LossConfig(), MoEConfig(backend="deepspeed"), 0)
+    block.eval(); ep.eval()
+    x = torch.randn(2, 6, cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ep(x), block(x), rtol=1e-5, atol=1e-5)
+    print("ok", arch)
+    """
+)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "olmoe"])
+def test_expert_parallel_block_top1_matches_hf_block(train_env, arch):
+    """With one expert per token the converted gate weights equal the HF gate's (1.0 or p)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EP_TOP1_CHECK, arch],
+        env=train_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and f"ok {arch}" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_hf_gates_get_no_weight_decay(tmp_path):
+    from moespec.models.hf_train import build_hf_model
+    from moespec.train.config import TrainConfig
+    from moespec.train.trainer import optimizer_groups
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {"model": {"type": "hf", "config": "model/configs/qwen3_moe_tiny.json"}},
+    )
+    model = build_hf_model(OmegaConf.to_object(cfg))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {
+        names[id(p)] for g in optimizer_groups(model, 0.1) if g["weight_decay"] for p in g["params"]
+    }
+    gates = [n for n in names.values() if n.endswith("mlp.gate.weight")]
+    assert len(gates) == 2 and not set(gates) & decay
+    assert any(n.endswith("experts.gate_up_proj") for n in decay)  # experts still decay
 
 
 EP_ARCHS = [

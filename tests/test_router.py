@@ -14,6 +14,7 @@ from moespec.routing import (
     TokenContext,
     collect_router_losses,
     collect_routing_stats,
+    restore_loss_weights,
     set_token_context,
 )
 from moespec.routing import (
@@ -121,6 +122,73 @@ def test_auto_calibration_sets_power_of_ten_on_all_layers():
     state = model.state_dict()
     assert any(k.endswith("loss_weights.beta") for k in state)  # travels with checkpoints
     assert collect_router_losses(model).calibrated is None  # only once
+
+
+def _auto_model(seed: int = 2) -> TinyMoELM:
+    torch.manual_seed(seed)
+    loss = LossConfig()
+    loss.orthogonality.weight = loss.variance.weight = "auto"
+    return TinyMoELM(
+        TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=16),
+        MoEConfig(num_experts=4, top_k=2, ffn_size=32),
+        loss,
+    )
+
+
+def test_calibration_waits_for_a_training_forward():
+    model = _auto_model()
+    ids = torch.randint(0, 64, (2, 16))
+    model.eval()  # no orthogonality loss in eval: β must not be fixed at 0 from it
+    model(ids)
+    got = collect_router_losses(model)
+    assert "beta" not in (got.calibrated or {})
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    assert all(math.isnan(float(r.loss_weights.beta)) for r in routers)
+    assert math.isfinite(got.total.item())  # the uncalibrated term is left out, not NaN
+    model.train()
+    model(ids)
+    lo = sum(float(r.raw_losses["orthogonality"].detach()) for r in routers) / len(routers)
+    got = collect_router_losses(model)
+    assert got.calibrated["beta"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
+    assert got.calibrated["beta"] > 0
+
+
+def test_calibration_refuses_a_non_finite_raw_loss():
+    model = _auto_model()
+    model(torch.randint(0, 64, (2, 16)))
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    routers[0].raw_losses["variance"] = torch.tensor(math.nan)
+    with pytest.raises(FloatingPointError, match="loss.variance.weight=auto"):
+        collect_router_losses(model)
+
+
+def test_restore_after_checkpoint_load_config_wins_for_fixed_weights():
+    old_loss = LossConfig()
+    old_loss.aux.weight, old_loss.orthogonality.weight, old_loss.variance.weight = 0.01, 0.5, "auto"
+    old = Router(8, RouterConfig(num_experts=4, loss=old_loss))
+    old.loss_weights.gamma.fill_(0.1)  # calibrated in the first run
+    new_loss = LossConfig()
+    new_loss.aux.weight, new_loss.orthogonality.weight, new_loss.variance.weight = 0.0, 0.25, "auto"
+    new = Router(8, RouterConfig(num_experts=4, loss=new_loss))
+    new.load_state_dict(old.state_dict())
+    assert new.loss_weights.as_dict()["alpha"] == 0.01  # the checkpoint's, until restored
+    changed = restore_loss_weights(new)
+    assert new.loss_weights.as_dict() == {"alpha": 0.0, "beta": 0.25, "gamma": 0.1, "zeta": 0.0}
+    assert changed == {"alpha": (0.01, 0.0), "beta": (0.5, 0.25)}
+    # A router kept out of the module state (Hugging Face probes): auto weights from the record.
+    bare = Router(8, RouterConfig(num_experts=4, loss=new_loss))
+    restore_loss_weights(bare, {"alpha": 0.01, "beta": 0.5, "gamma": 0.1, "zeta": 0.0})
+    assert bare.loss_weights.as_dict() == {"alpha": 0.0, "beta": 0.25, "gamma": 0.1, "zeta": 0.0}
+
+
+@pytest.mark.parametrize("normalize_top1", [False, True])
+def test_top1_gate_weight(normalize_top1):
+    torch.manual_seed(4)
+    r = Router(8, RouterConfig(num_experts=4, top_k=1, normalize_top1=normalize_top1))
+    out = r(torch.randn(10, 8))
+    p = out.logits.softmax(-1).gather(1, out.idx)
+    expect = torch.ones_like(p) if normalize_top1 else p  # Switch style keeps p
+    torch.testing.assert_close(out.weights, expect)
 
 
 def test_auto_weight_from_config_string():

@@ -82,33 +82,42 @@ def test_zero_stages_train_and_loss_falls(run_train, read_metrics, tmp_path, sta
 
 @pytest.mark.multiproc
 def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
+    """Stopped after step 5, in the middle of a 2-step logging window, then resumed."""
     common = [
         *FAST,
         "trainer.max_steps=8",
-        "trainer.log_every=1",
+        "trainer.log_every=2",
+        "trainer.eval_every=3",
         "trainer.save_every=100",
         "loss=specialization",
     ]
     full, part = tmp_path / "full", tmp_path / "part"
     proc = run_train([*common, f"hydra.run.dir={full}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = run_train([*common, "trainer.stop_after=4", f"hydra.run.dir={part}"])
+    proc = run_train([*common, "trainer.stop_after=5", f"hydra.run.dir={part}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (part / "checkpoints" / "step00000004" / "COMPLETE").is_file()
+    assert (part / "checkpoints" / "step00000005" / "COMPLETE").is_file()
     # A checkpoint cut short by a crash (no marker) must be ignored by resume=auto.
     broken = part / "checkpoints" / "step00000006"
     broken.mkdir()
     (broken / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     proc = run_train([*common, "trainer.resume=auto", f"hydra.run.dir={part}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    want = {r["step"]: r["train/loss"] for r in read_metrics(full)}
-    got = {r["step"]: r["train/loss"] for r in read_metrics(part)}
-    for step in range(5, 9):
-        assert math.isclose(got[step], want[step], rel_tol=0, abs_tol=1e-6), (
-            step,
-            got[step],
-            want[step],
-        )
+    want = {r["step"]: r for r in read_metrics(full)}
+    got = {r["step"]: r for r in read_metrics(part)}
+    # Evaluation runs on its own schedule (steps 3, 6 and the last), not only on log steps.
+    assert [s for s in sorted(want) if "val/loss" in want[s]] == [3, 6, 8]
+    assert sorted(want) == sorted(got) == [2, 3, 4, 6, 8]
+    for step in (6, 8):  # the window of step 6 spans the stop
+        keys = set(want[step]) - {"train/tokens_per_s"}
+        assert keys == set(got[step]) - {"train/tokens_per_s"}
+        for key in keys:
+            assert math.isclose(got[step][key], want[step][key], rel_tol=0, abs_tol=1e-6), (
+                step,
+                key,
+                got[step][key],
+                want[step][key],
+            )
 
 
 @pytest.mark.parametrize(
@@ -119,6 +128,7 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
         ("data.source=/nonexistent/corpus.jsonl", "/nonexistent/corpus.jsonl"),
         ("moe.top_k=9", "moe.top_k=9"),
         ("loss.z.weight=1e38", "non-finite loss"),
+        ("trainer.log_every=0", "trainer.log_every must be >= 1, got 0"),
     ],
 )
 def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):

@@ -119,6 +119,7 @@ class HFRouterProbe(Router):
             top_k=int(gate.top_k),
             score_func="sigmoid" if sigmoid else "softmax",
             normalize_topk=bool(getattr(gate, "norm_topk_prob", True)),
+            normalize_top1=True,  # Hugging Face gates renormalise a single weight to 1.0 too
             score_bias=False,  # the block's e_score_correction_bias is left to the model
             loss=loss_config,
         )

@@ -335,6 +335,7 @@ class HFExpertParallelBlock(nn.Module):
             num_experts=int(num_experts),
             top_k=int(gate.top_k),
             normalize_topk=bool(getattr(gate, "norm_topk_prob", True)),
+            normalize_top1=True,  # Hugging Face gates renormalise a single weight to 1.0 too
             jitter=0.0,
             loss=loss,
             **routing,

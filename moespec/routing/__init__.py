@@ -21,6 +21,7 @@ from .router import (
     collect_router_losses,
     collect_routing_stats,
     iter_routers,
+    restore_loss_weights,
     set_token_context,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "iter_routers",
     "losses",
     "metrics",
+    "restore_loss_weights",
     "set_token_context",
     "validate_loss_config",
     "validate_router_config",

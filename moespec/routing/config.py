@@ -64,13 +64,15 @@ class RouterConfig:
     multiplied by ``scaling``.
 
     ``normalize_topk`` renormalises the k gate weights to sum 1 when k > 1; with k = 1 the raw
-    probability is kept (Switch style) so the gate still receives a task gradient.
+    probability is kept (Switch style) so the gate still receives a task gradient, unless
+    ``normalize_top1`` asks for weight 1.0 as Hugging Face gates with ``norm_topk_prob`` give.
     """
 
     num_experts: int = 8
     top_k: int = 2
     score_func: str = "softmax"
     normalize_topk: bool = True
+    normalize_top1: bool = False
     jitter: float = 0.0
     score_bias: bool = False
     bias_update_rate: float = 1e-3

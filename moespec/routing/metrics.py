@@ -7,7 +7,8 @@ Each metric is a small function of accumulated counts so that it can be checked 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -194,6 +195,21 @@ class RoutingStats:
         self.cooccurrence = flat[5 + e : 5 + e + e * e].view(e, e).clone()
         self.domain_counts = flat[5 + e + e * e :].view(e, -1).clone()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The window's sums, for a checkpoint taken in the middle of a window."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the window that :meth:`state_dict` saved."""
+        if state.get("num_experts") != self.num_experts:
+            raise ValueError(
+                f"routing statistics of {state.get('num_experts')} experts cannot continue a "
+                f"window of {self.num_experts}"
+            )
+        for f in fields(self):
+            value = state[f.name]
+            setattr(self, f.name, value.clone() if isinstance(value, torch.Tensor) else value)
+
     def compute(self) -> dict[str, float]:
         """The window's metrics under the names used in logs (without prefix)."""
         tokens = max(self.tokens, 1.0)
@@ -238,3 +254,11 @@ class CollapseMonitor:
                     f"{self.patience} windows (routing collapse?)"
                 )
         return alarms
+
+    def state_dict(self) -> dict[str, dict[int, int]]:
+        """How many windows in a row each layer has been dead or hot."""
+        return {"dead": dict(self._dead), "hot": dict(self._hot)}
+
+    def load_state_dict(self, state: dict[str, dict[int, int]]) -> None:
+        """Continue the counts that :meth:`state_dict` saved."""
+        self._dead, self._hot = dict(state["dead"]), dict(state["hot"])

@@ -50,16 +50,44 @@ class LossWeights(nn.Module):
         self.auto_beta = parse_weight(cfg.orthogonality.weight, "loss.orthogonality.weight") == AUTO
         self.auto_gamma = parse_weight(cfg.variance.weight, "loss.variance.weight") == AUTO
         nan = float("nan")
-        beta = nan if self.auto_beta else float(cfg.orthogonality.weight)
-        gamma = nan if self.auto_gamma else float(cfg.variance.weight)
-        self.register_buffer("alpha", torch.tensor(float(cfg.aux.weight), dtype=torch.float64))
-        self.register_buffer("beta", torch.tensor(beta, dtype=torch.float64))
-        self.register_buffer("gamma", torch.tensor(gamma, dtype=torch.float64))
-        self.register_buffer("zeta", torch.tensor(float(cfg.z.weight), dtype=torch.float64))
+        #: The configured values; auto weights are NaN until calibrated.
+        self.configured = {
+            "alpha": float(cfg.aux.weight),
+            "beta": nan if self.auto_beta else float(cfg.orthogonality.weight),
+            "gamma": nan if self.auto_gamma else float(cfg.variance.weight),
+            "zeta": float(cfg.z.weight),
+        }
+        for name, value in self.configured.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64))
 
     def needs_calibration(self) -> bool:
         """True while an ``"auto"`` weight has not been calibrated."""
         return bool(torch.isnan(self.beta)) or bool(torch.isnan(self.gamma))
+
+    @torch.no_grad()
+    def restore(self, calibrated: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+        """After loading a checkpoint: configured weights win, auto ones keep their calibration.
+
+        Fixed weights are reset to the config (a resumed run may change them); an auto weight
+        that the loaded state left uncalibrated takes its value from ``calibrated`` (the trainer
+        state's record). Returns ``{name: (loaded, now)}`` for every weight that changed.
+        """
+        changed = {}
+        for name, value in self.configured.items():
+            buf = getattr(self, name)
+            loaded = float(buf)
+            if name in ("beta", "gamma") and getattr(self, f"auto_{name}"):
+                value = loaded
+                if (
+                    math.isnan(loaded)
+                    and calibrated
+                    and math.isfinite(calibrated.get(name, math.nan))
+                ):
+                    value = float(calibrated[name])
+            if not (value == loaded or (math.isnan(value) and math.isnan(loaded))):
+                buf.fill_(value)
+                changed[name] = (loaded, value)
+        return changed
 
     def as_dict(self) -> dict[str, float]:
         """Current weights as floats (NaN when not yet calibrated)."""
@@ -117,7 +145,7 @@ class Router(nn.Module):
             select = self._mask_groups(select)
         idx = select.topk(self.top_k, dim=-1).indices
         weights = probs.gather(1, idx)
-        if self.config.normalize_topk and self.top_k > 1:
+        if self.config.normalize_topk and (self.top_k > 1 or self.config.normalize_top1):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.config.scaling != 1.0:
             weights = weights * self.config.scaling
@@ -242,9 +270,17 @@ class CollectedLosses:
     calibrated: dict[str, float] | None = None
 
 
-def calibrate_weight(raw_value: float, target: float) -> float:
-    """Paper recipe: the power of ten that brings ``raw_value`` closest to ``target``."""
-    if not math.isfinite(raw_value) or raw_value <= 0:
+def calibrate_weight(raw_value: float, target: float, name: str = "the loss") -> float:
+    """Paper recipe: the power of ten that brings ``raw_value`` closest to ``target``.
+
+    A raw value of exactly 0 (top_k = 1 has no orthogonality to measure) gives weight 0; a
+    non-finite one is an error, as no weight would make it useful.
+    """
+    if not math.isfinite(raw_value) or raw_value < 0:
+        raise FloatingPointError(
+            f"cannot calibrate {name}=auto: its raw value on the first training batch is {raw_value}"
+        )
+    if raw_value == 0:
         return 0.0
     return 10.0 ** round(math.log10(target / raw_value))
 
@@ -260,33 +296,55 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
 
 
 def calibrate(routers: list[Router]) -> dict[str, float] | None:
-    """Set ``"auto"`` β and γ from the current raw losses (mean over layers and ranks)."""
+    """Set ``"auto"`` β and γ from the current raw losses (mean over layers and ranks).
+
+    Calibrates only from a batch where every such router computed the loss on every rank (a
+    training forward); after an eval forward the weight stays uncalibrated until the next one.
+    """
     todo = [r for r in routers if r.loss_weights.needs_calibration()]
     if not todo:
         return None
-    lo = [
-        float(r.raw_losses["orthogonality"].detach())
-        for r in todo
-        if "orthogonality" in r.raw_losses
-    ]
-    lv = [float(r.raw_losses["variance"].detach()) for r in todo if "variance" in r.raw_losses]
-    mean_lo = sum(lo) / len(lo) if lo else 0.0
-    mean_lv = sum(lv) / len(lv) if lv else 0.0
-    mean_lo, mean_lv = _mean_across_ranks([mean_lo, mean_lv])
+    found = {}
+    for name in ("orthogonality", "variance"):
+        vals = [float(r.raw_losses[name].detach()) for r in todo if name in r.raw_losses]
+        found[name] = (sum(vals) / len(vals) if vals else 0.0, float(len(vals) == len(todo)))
+    (mean_lo, has_lo), (mean_lv, has_lv) = found["orthogonality"], found["variance"]
+    mean_lo, mean_lv, has_lo, has_lv = _mean_across_ranks([mean_lo, mean_lv, has_lo, has_lv])
     cfg = todo[0].config.loss
+    weights = todo[0].loss_weights
     chosen = {}
-    if todo[0].loss_weights.auto_beta and math.isnan(float(todo[0].loss_weights.beta)):
-        chosen["beta"] = calibrate_weight(mean_lo, cfg.orthogonality.target)
+    if weights.auto_beta and math.isnan(float(weights.beta)) and has_lo == 1.0:
+        chosen["beta"] = calibrate_weight(
+            mean_lo, cfg.orthogonality.target, "loss.orthogonality.weight"
+        )
         chosen["raw_orthogonality"] = mean_lo
-    if todo[0].loss_weights.auto_gamma and math.isnan(float(todo[0].loss_weights.gamma)):
-        chosen["gamma"] = calibrate_weight(mean_lv, cfg.variance.target)
+    if weights.auto_gamma and math.isnan(float(weights.gamma)) and has_lv == 1.0:
+        chosen["gamma"] = calibrate_weight(mean_lv, cfg.variance.target, "loss.variance.weight")
         chosen["raw_variance"] = mean_lv
+    if not chosen:
+        return None
     for r in todo:
         if "beta" in chosen:
             r.loss_weights.beta.fill_(chosen["beta"])
         if "gamma" in chosen:
             r.loss_weights.gamma.fill_(chosen["gamma"])
     return chosen
+
+
+def restore_loss_weights(
+    model: nn.Module, calibrated: dict[str, float] | None = None
+) -> dict[str, tuple[float, float]]:
+    """After a checkpoint load: fixed weights from the config, auto ones as calibrated before.
+
+    ``calibrated`` is the weights record of the trainer state, used where the loaded module
+    state holds no calibration (routers kept out of the model state, as on Hugging Face models).
+    Returns ``{name: (loaded, now)}`` for the weights that changed (of the first router that
+    changed).
+    """
+    changed: dict[str, tuple[float, float]] = {}
+    for r in iter_routers(model):
+        changed = r.loss_weights.restore(calibrated) or changed
+    return changed
 
 
 def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> CollectedLosses:

@@ -82,7 +82,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         summary = train(typed, run_dir)
-    except (TrainingError, ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (
+        TrainingError,
+        ValueError,
+        FloatingPointError,
+        FileNotFoundError,
+        NotImplementedError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return summary.get("val/loss")

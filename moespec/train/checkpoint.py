@@ -102,9 +102,18 @@ def _barrier() -> None:
 
 
 def save_checkpoint(
-    engine: Any, ckpt_root: Path, step: int, trainer_state: dict[str, Any], keep: int
+    engine: Any,
+    ckpt_root: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep: int,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save engine + trainer state for ``step``; marks it complete last; prunes old ones."""
+    """Save engine + trainer state for ``step``; marks it complete last; prunes old ones.
+
+    ``rank_state`` is this rank's own state (beside its RNG states), given back by
+    :func:`load_checkpoint` as ``trainer_state["rank"]``.
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     path = ckpt_root / tag
@@ -115,7 +124,7 @@ def save_checkpoint(
         str(ckpt_root), tag=tag, client_state={"moespec": trainer_state}, save_latest=False
     )
     path.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(rng_state(), path / f"rng_rank{rank}.pt")
+    atomic_torch_save({"rng": rng_state(), **(rank_state or {})}, path / f"rank{rank}_state.pt")
     _barrier()
     if rank == 0:
         atomic_write_text(
@@ -137,10 +146,13 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client["moespec"]
+    state = dict(client["moespec"])
+    rank_file = path / f"rank{rank}_state.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    if "rng" in rank_state:
+        set_rng_state(rank_state.pop("rng"))
+    state["rank"] = rank_state
+    return state
 
 
 def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:

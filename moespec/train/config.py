@@ -88,6 +88,17 @@ class TrainerConfig:
     progress: bool = True
     fail_on_nonfinite: bool = True
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+        minimum = {"keep_checkpoints": 0, "stop_after": 0}
+        for name in (
+            "max_steps", "log_every", "eval_every", "eval_batches", "plot_every", "save_every",
+            "collapse_patience", "keep_checkpoints", "stop_after",
+        ):  # fmt: skip
+            low = minimum.get(name, 1)
+            if getattr(self, name) < low:
+                raise ValueError(f"trainer.{name} must be >= {low}, got {getattr(self, name)}")
+
 
 @dataclass
 class WandbConfig:

@@ -27,6 +27,7 @@ from ..routing import (
     collect_router_losses,
     collect_routing_stats,
     iter_routers,
+    restore_loss_weights,
     set_token_context,
 )
 from ..routing.metrics import CollapseMonitor, load_fraction
@@ -98,11 +99,12 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     """AdamW groups: no decay for norms, biases and routers; MoE params split out for DeepSpeed."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    gates = {id(r.weight) for r in iter_routers(model)}  # HF gates are named "...mlp.gate"
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "norm" in name or "router" in name:
+        if p.dim() < 2 or "norm" in name or id(p) in gates:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -212,6 +214,21 @@ def evaluate(
     return out
 
 
+def _restore_window(
+    window: dict[str, Any] | None,
+    acc: np.ndarray,
+    routers: list[Any],
+    monitor: CollapseMonitor,
+) -> None:
+    """Continue the logging window that a checkpoint cut (sums, routing statistics, alarms)."""
+    if not window or len(window["routing"]) != len(routers):
+        return
+    acc[:] = window["acc"]
+    for router, stats in zip(routers, window["routing"]):
+        router.stats.load_state_dict(stats)
+    monitor.load_state_dict(window["monitor"])
+
+
 # ------------------------------------------------------------------------------ train
 
 
@@ -221,6 +238,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     rank, world = init_distributed()
     cfg.moe.validate()
+    cfg.trainer.validate()
     torch.manual_seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     if cfg.moe.ep_size > world:
@@ -266,20 +284,37 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, ckpt_root)
+    routers = iter_routers(model)
+    monitor = CollapseMonitor(patience=cfg.trainer.collapse_patience)
+    acc = np.zeros(6)  # lm, total, aux, orth, var, count: sums over the logging window
     start_step, sampler_state = 0, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(engine, resume_from)
         start_step, sampler_state = state["step"], state["sampler"]
+        changed = restore_loss_weights(model, state.get("weights"))
+        _restore_window(state["rank"].get("window"), acc, routers, monitor)
         if rank == 0:
             log.info("resumed from %s (step %d)", resume_from, start_step)
+            for name, (loaded, now) in changed.items():
+                log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
     batches = batch_iterator(data.train, micro, seed=cfg.data.seed, rank=rank, world_size=world)
     if sampler_state is not None:
         batches.load_state_dict(sampler_state)
 
+    def save(step: int) -> None:
+        state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
+        window = {
+            "acc": acc.tolist(),
+            "routing": [r.stats.state_dict() for r in routers],
+            "monitor": monitor.state_dict(),
+        }
+        ckpt.save_checkpoint(
+            engine, ckpt_root, step, state, cfg.trainer.keep_checkpoints, {"window": window}
+        )
+
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     run_name = cfg.run_name or run_dir.name
     logger = MetricsLogger(run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0)
-    monitor = CollapseMonitor(patience=cfg.trainer.collapse_patience)
     bar = None
     if rank == 0 and cfg.trainer.progress:
         from tqdm.auto import tqdm
@@ -287,8 +322,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
 
     device = _device()
-    acc = np.zeros(6)  # lm, total, aux, orth, var, count
     last: dict[str, float] = {}
+    last_weights = routers[0].loss_weights.as_dict() if routers else {}
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step + 1, total + 1):
         for _ in range(gas):
@@ -333,6 +368,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         if bar is not None:
             bar.update(1)
 
+        metrics: dict[str, float] = {}
         if step % cfg.trainer.log_every == 0 or step == total:
             red = _all_reduce(acc.tolist())
             n = max(red[5], 1.0)
@@ -354,12 +390,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             metrics.update(routing_metrics(per_layer))
             for alarm in monitor.update(per_layer):
                 logger.alert(step, alarm)
-            if step % cfg.trainer.eval_every == 0 or step == total:
-                metrics.update(evaluate(engine, model, data, cfg, rank, world))
-            logger.log(step, metrics)
-            if (step % cfg.trainer.plot_every == 0 or step == total) and rank == 0:
+            # Heat maps show a logging window: the one holding each multiple of plot_every.
+            window_start = (step - 1) // cfg.trainer.log_every * cfg.trainer.log_every
+            plot_now = step // cfg.trainer.plot_every > window_start // cfg.trainer.plot_every
+            if (plot_now or step == total) and rank == 0:
                 logger.heatmaps(step, load, joint, data.domains)
-            last = metrics
             if bar is not None:
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.3f}",
@@ -370,14 +405,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
                 )
             acc[:] = 0
             t0, tokens_seen = time.perf_counter(), 0
+        if step % cfg.trainer.eval_every == 0 or step == total:
+            metrics.update(evaluate(engine, model, data, cfg, rank, world))
+        if metrics:
+            logger.log(step, metrics)
+            last.update(metrics)
 
-        if step % cfg.trainer.save_every == 0 or step == total:
-            state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
-            ckpt.save_checkpoint(engine, ckpt_root, step, state, cfg.trainer.keep_checkpoints)
-        if cfg.trainer.stop_after and step >= cfg.trainer.stop_after and step < total:
-            if step % cfg.trainer.save_every:
-                state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
-                ckpt.save_checkpoint(engine, ckpt_root, step, state, cfg.trainer.keep_checkpoints)
+        stopping = bool(cfg.trainer.stop_after) and cfg.trainer.stop_after <= step < total
+        if step % cfg.trainer.save_every == 0 or step == total or stopping:
+            save(step)
+        if stopping:
             if rank == 0:
                 log.info(
                     "stopping after step %d of %d (trainer.stop_after); resume with trainer.resume=auto",
