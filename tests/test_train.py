@@ -144,3 +144,24 @@ def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):
     if ckpts.is_dir():  # anything written before the failure is complete
         for c in ckpts.glob("step*"):
             assert (c / "COMPLETE").is_file(), c
+
+
+def test_resume_from_an_older_step_sets_newer_checkpoints_aside(tmp_path):
+    from moespec.train import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    for step in (100, 200, 300):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        ckpt.atomic_write_text(root / ckpt.tag_for(step) / ckpt.MARKER, f"step {step}\n")
+    (root / ckpt.tag_for(400)).mkdir()  # a write cut short
+    older = root / ckpt.tag_for(100)
+    moved = ckpt.set_aside_newer(root, older)
+    assert [p.name for p in moved] == [ckpt.tag_for(s) for s in (200, 300, 400)]
+    assert all(p.is_dir() and p.parent.parent == root / "superseded" for p in moved)
+    assert ckpt.complete_checkpoints(root) == [older]
+    assert ckpt.resolve_resume("auto", root) == older
+    assert ckpt.set_aside_newer(root, older) == []
+    # A checkpoint of another run directory leaves this one alone.
+    other = tmp_path / "other" / ckpt.tag_for(50)
+    other.mkdir(parents=True)
+    assert ckpt.set_aside_newer(root, other) == []

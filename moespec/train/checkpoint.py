@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,25 @@ MARKER = "COMPLETE"
 PREFIX = "step"
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file below ``root`` and the directories holding them."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temp file and ``os.replace``; durable on return."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -35,6 +53,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -125,6 +144,7 @@ def save_checkpoint(
     )
     path.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"rng": rng_state(), **(rank_state or {})}, path / f"rank{rank}_state.pt")
+    fsync_tree(path)  # every shard on disk before the marker can claim the checkpoint complete
     _barrier()
     if rank == 0:
         atomic_write_text(
@@ -153,6 +173,28 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
         set_rng_state(rank_state.pop("rng"))
     state["rank"] = rank_state
     return state
+
+
+def set_aside_newer(ckpt_root: Path, resume_from: Path) -> list[Path]:
+    """Move checkpoints of ``ckpt_root`` newer than ``resume_from`` into ``superseded/``.
+
+    Resuming from an older step starts a new history: left in place, the abandoned newer
+    checkpoints would win ``resume=auto`` and outlive the new ones when old ones are pruned.
+    """
+    if resume_from.parent.resolve() != ckpt_root.resolve():
+        return []
+    newer = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    newer = sorted(p for p in newer if p.name > resume_from.name)
+    if not newer:
+        return []
+    aside = ckpt_root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for p in newer:
+        p.rename(aside / p.name)
+        moved.append(aside / p.name)
+    fsync_path(ckpt_root)
+    return moved
 
 
 def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:

@@ -289,6 +289,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     acc = np.zeros(6)  # lm, total, aux, orth, var, count: sums over the logging window
     start_step, sampler_state = 0, None
     if resume_from is not None:
+        if rank == 0:
+            for moved in ckpt.set_aside_newer(ckpt_root, resume_from):
+                log.warning("newer than the resume point, set aside: %s", moved)
+        dist.barrier()
         state = ckpt.load_checkpoint(engine, resume_from)
         start_step, sampler_state = state["step"], state["sampler"]
         changed = restore_loss_weights(model, state.get("weights"))
