@@ -82,3 +82,13 @@ def test_ep2_matches_single_process(tmp_path):
         for i, e in enumerate(got["expert_ids"]):
             torch.testing.assert_close(got["gate_up_grads"][i], ref["gate_up"][e].T, **tol)
             torch.testing.assert_close(got["down_grads"][i], ref["down"][e].T, **tol)
+
+
+def test_token_dropping_matches_per_token_loop():
+    """capacity_factor < 1 with drop_tokens: outputs, dropped count, L_o and overlap vs a loop."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = WORKER.parent / "ds_capacity.py"
+    proc = subprocess.run(
+        [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "ok dropped=" in proc.stdout, proc.stderr[-3000:]

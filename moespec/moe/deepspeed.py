@@ -126,7 +126,11 @@ class MoespecMOELayer(MOELayer):
         raw = out_padded.index_select(0, slots.reshape(-1)).view(
             slots.shape[0], s, d_model
         )  # [k,S,M]
-        self.gate.router.record_expert_outputs(raw.transpose(0, 1))
+        # Losses and overlap over the tokens that kept all k routes: a dropped route has no
+        # expert output to be orthogonal to (it would enter as a zero vector).
+        whole = (indices >= 0).all(0)
+        per_token = raw.transpose(0, 1)
+        self.gate.router.record_expert_outputs(per_token if bool(whole.all()) else per_token[whole])
         combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
         return combined.reshape(x.shape)
 
