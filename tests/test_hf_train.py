@@ -418,3 +418,26 @@ def test_vocab_smaller_than_tokenizer_is_an_error():
         ValueError, match="tokenizer has 4096 tokens but MixtralForCausalLM embeds 1024"
     ):
         build_hf_model(cfg, vocab_size=4096)
+
+
+def test_lm_loss_excludes_the_models_own_aux_loss():
+    """With moespec's α = 0 the model's own aux loss trains, but lm_loss stays pure CE."""
+    from moespec.models.hf_train import build_hf_model
+    from moespec.models.tiny import lm_output
+    from moespec.train.config import TrainConfig
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {
+            "model": {"type": "hf", "config": "model/configs/qwen3_moe_tiny.json"},
+            "loss": {"aux": {"weight": 0.0}},
+        },
+    )
+    model = build_hf_model(OmegaConf.to_object(cfg))
+    ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model(ids, ids)
+    config = model.hf_model.config
+    assert config.output_router_logits and config.router_aux_loss_coef > 0
+    torch.testing.assert_close(out.lm_loss, lm_output(out.logits, ids).loss)
+    assert out.model_aux_loss is not None and out.model_aux_loss.item() > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + out.model_aux_loss)

@@ -147,7 +147,8 @@ class HFCausalLM(nn.Module):
             and getattr(config, "output_router_logits", False)
         ):
             coef = float(getattr(config, "router_aux_loss_coef", 0.0))
-            result.loss = result.loss + coef * aux.to(result.loss.dtype)
+            result.model_aux_loss = coef * aux.to(result.loss.dtype)
+            result.loss = result.loss + result.model_aux_loss
         return result
 
     # -------------------------------------------------------------------- export

@@ -113,11 +113,23 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class LMOutput:
-    """Logits [B,S,V] and, when labels were given, the mean token cross-entropy."""
+    """Logits [B,S,V] and, when labels were given, the loss to train on.
+
+    ``loss`` is the mean token cross-entropy plus ``model_aux_loss``, a weighted routing term
+    that the model adds itself (a Hugging Face model's own aux loss), when there is one.
+    """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     token_losses: torch.Tensor | None = field(default=None, repr=False)
+    model_aux_loss: torch.Tensor | None = None
+
+    @property
+    def lm_loss(self) -> torch.Tensor | None:
+        """The mean token cross-entropy alone."""
+        if self.loss is None or self.model_aux_loss is None:
+            return self.loss
+        return self.loss - self.model_aux_loss
 
 
 def lm_output(

@@ -346,7 +346,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             if routed.calibrated and rank == 0:
                 log.info("calibrated loss weights: %s", routed.calibrated)
             loss = out.loss + routed.total
-            lm, tot = float(out.loss.detach()), float(loss.detach())
+            lm, tot = float(out.lm_loss.detach()), float(loss.detach())
             finite = _all_reduce([0.0 if math.isfinite(tot) else 1.0], op="max")[0] == 0.0
             if not finite and cfg.trainer.fail_on_nonfinite:
                 latest = ckpt.latest_checkpoint(ckpt_root)
