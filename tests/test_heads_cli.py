@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from moespec.heads import HeadProfile
-from moespec.heads.cli import CONFIG_DIR, main, run
+from moespec.heads.cli import config_dir, main, run
 from moespec.heads.data import ExampleError, PromptEncoder, load_examples
 
 WORDS = [
@@ -171,7 +171,7 @@ def config(tmp_path: Path, *overrides: str):
         "generation.max_new_tokens=4",
         "progress=false",
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         return compose("config", overrides=base + list(overrides))
 
 
@@ -383,6 +383,47 @@ def test_hydra_entry_point(tmp_path: Path, text_model_dir: Path, monkeypatch, ca
     assert (tmp_path / "heads_profile.json").is_file() and (
         tmp_path / "heads_heatmap.png"
     ).is_file()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["command=apply", "controller.profile=absent.json"],
+            "head profile absent.json does not exist",
+        ),
+        (["command=identfy"], "command='identfy'; valid: identify, apply, eval"),
+        (
+            ["command=identify", "data.calibration=null"],
+            "data.calibration is required for command=identify",
+        ),
+        (["selection.max_fraction=abc"], "selection.max_fraction must be a number, got 'abc'"),
+        (["selection.max_fractoin=0.06"], "Could not override 'selection.max_fractoin'"),
+        (
+            ["controller.mode=folded", "command=apply"],
+            "controller.mode='folded'; valid: hook, fold",
+        ),
+        ([], "Missing mandatory value: model.dir"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, text_model_dir, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "in.jsonl", TEXT_ROWS)
+    model = [] if not args else [f"model.dir={text_model_dir}"]
+    argv = [
+        "moespec-heads",
+        *model,
+        f"data.input={data}",
+        f"data.calibration={data}",
+        "progress=false",
+    ]
+    argv += args
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
 @pytest.mark.slow

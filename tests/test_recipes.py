@@ -63,3 +63,28 @@ def test_gpu_recipes_use_bf16_and_deepspeed():
         and cfg.moe.backend == "deepspeed"
     )
     assert deepspeed_config(cfg)["bf16"]["enabled"] is True
+
+
+def test_installed_package_carries_every_recipe(tmp_path):
+    """A wheel (what `pip install .` and the docker image install) holds the whole recipe tree."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = recipes_dir().parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("moespec-*.whl")
+    packed = {
+        n.removeprefix("moespec/recipes/")
+        for n in zipfile.ZipFile(wheel).namelist()
+        if n.startswith("moespec/recipes/")
+    }
+    tree = {
+        str(p.relative_to(root / "recipes")) for p in (root / "recipes").rglob("*") if p.is_file()
+    }
+    assert tree and packed == tree

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
+from ..cli import check_overrides, fail
+from ..paths import recipes_dir
 from .controller import MODES, HeadController
 from .data import PromptEncoder, load_examples, read_jsonl
 from .evaluation import evaluate
@@ -21,7 +25,11 @@ from .scoring import image_token_id_of, score_heads
 from .selection import HeadProfile, HeadSelectionConfig, select_heads
 
 COMMANDS = ("identify", "apply", "eval")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "recipes" / "heads")
+
+
+def config_dir() -> Path:
+    """The app's Hydra config: ``heads/`` of the recipe tree."""
+    return recipes_dir() / "heads"
 
 
 def _required(cfg: DictConfig, key: str) -> str:
@@ -154,10 +162,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return handler(cfg)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    """Entry point of ``moespec-heads``."""
-    run(cfg)
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as err:
+        fail(err)
+
+
+def main() -> None:
+    """Entry point of ``moespec-heads``: bad input ends with one ``error:`` line (exit 2)."""
+    check_overrides(sys.argv[1:], config_dir(), "config")
+    _hydra_main()
 
 
 if __name__ == "__main__":

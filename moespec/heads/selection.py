@@ -32,6 +32,16 @@ class HeadSelectionConfig:
     max_fraction: float | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = int if f.name.startswith("l_") else float
+            if value is None and f.name == "max_fraction":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"selection.{f.name} must be a number, got {value!r}")
+            if kind is int and value != int(value):
+                raise ValueError(f"selection.{f.name} must be a whole layer index, got {value!r}")
+            setattr(self, f.name, kind(value))
         for key in ("g_perc", "g_reas"):
             if not float(getattr(self, key)) >= 1.0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 1.0 (gains only amplify)")

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import check_overrides, fail
 from ..paths import recipes_dir, torch_extensions_dir
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
@@ -89,8 +90,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         FileNotFoundError,
         NotImplementedError,
     ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     return summary.get("val/loss")
 
 
@@ -103,51 +103,10 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _check_overrides(argv: list[str]) -> None:
-    """Compose the recipe once and turn a bad override into one ``error:`` line (exit 2).
-
-    Sweeps (``-m``) and Hydra's own flags are left to Hydra.
-    """
-    if any(a.startswith("-") for a in argv):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
-    try:
-        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-            compose(config_name="train", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        cause = err.__cause__ or err.__context__
-        new = (
-            cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in str(err)
-        )
-        detail = _one_line(str(cause)) if new else ""
-        print(f"error: {_one_line(str(err))} {detail}".rstrip(), file=sys.stderr)
-        sys.exit(2)
-
-
-def _one_line(message: str) -> str:
-    """Hydra's multi-line composition error as one line (keeps the key and the valid options)."""
-    lines = [ln.strip() for ln in message.splitlines()]
-    cut = next((i for i, ln in enumerate(lines) if ln.startswith("Available options")), None)
-    skip = ("full_key", "object_type", "reference_type", "To append")
-    head = [ln for ln in lines[: min(cut or 4, 4)] if ln and not ln.startswith(skip)]
-    if cut is not None:
-        options = []
-        for ln in lines[cut + 1 :]:
-            if not ln or ln.startswith("Config search path"):
-                break
-            options.append(ln)
-        head.append("valid: " + ", ".join(options))
-    return " ".join(head)
-
-
 def main() -> None:
     """Console entry point."""
     sys.argv = [sys.argv[0], *_shared_run_dir(_strip_launcher_args(sys.argv[1:]))]
-    _check_overrides(sys.argv[1:])
+    check_overrides(sys.argv[1:], recipes_dir(), "train")
     atexit.register(_destroy_process_group)
     _hydra_main()
 

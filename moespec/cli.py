@@ -1,0 +1,91 @@
+"""What moespec's command-line programs share: bad input ends with one ``error:`` line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+#: Hydra flags under which the overrides are still checked before the run (a sweep is checked
+#: with the first value of each swept key).
+_CHECKED_FLAGS = ("-m", "--multirun")
+
+
+def fail(error: BaseException | str) -> NoReturn:
+    """Print ``error: ...`` on stderr and exit with status 2."""
+    print(f"error: {one_line(str(error))}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition error as one line (keeps the key and the valid options)."""
+    lines = [ln.strip() for ln in message.splitlines()]
+    cut = next((i for i, ln in enumerate(lines) if ln.startswith("Available options")), None)
+    skip = ("full_key", "object_type", "reference_type", "To append")
+    head = [ln for ln in lines[: min(cut or 4, 4)] if ln and not ln.startswith(skip)]
+    if cut is not None:
+        options = []
+        for ln in lines[cut + 1 :]:
+            if not ln or ln.startswith("Config search path"):
+                break
+            options.append(ln)
+        head.append("valid: " + ", ".join(options))
+    return " ".join(head)
+
+
+def _first_of_each_sweep(overrides: list[str]) -> list[str]:
+    """``a=1,2`` → ``a=1``: one job's overrides out of a sweep's."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if parsed.is_sweep_override():
+            value = next(iter(parsed.sweep_string_iterator()))
+            out.append(f"{parsed.get_key_element()}={value}")
+        else:
+            out.append(text)
+    return out
+
+
+def _valid_keys_hint(error: BaseException) -> str:
+    """For an unknown key of a structured config: the keys that node has."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    cause = error if isinstance(error, ConfigKeyError) else error.__cause__
+    node = getattr(cause, "object_type", None)
+    if not isinstance(cause, ConfigKeyError) or node is None:
+        return ""
+    try:
+        keys = list(OmegaConf.structured(node).keys())
+    except Exception:  # not a structured config
+        return ""
+    return f"(valid keys: {', '.join(keys)})" if keys else ""
+
+
+def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None:
+    """Compose the config once with the command line's overrides; exit 2 on a bad one.
+
+    Left to Hydra: ``--help``, ``--cfg`` and the other flags, and ``hydra.*`` overrides.
+    """
+    if any(a.startswith("-") and a not in _CHECKED_FLAGS for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sweep = any(a in _CHECKED_FLAGS for a in argv)
+    overrides = [a for a in argv if a not in _CHECKED_FLAGS]
+    overrides = [a for a in overrides if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        if sweep:
+            overrides = _first_of_each_sweep(overrides)
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ or err.__context__
+        new = (
+            cause is not None and str(cause).strip() and str(cause).splitlines()[0] not in str(err)
+        )
+        detail = one_line(str(cause)) if new else ""
+        fail(f"{one_line(str(err))} {detail} {_valid_keys_hint(err)}".strip())
