@@ -2,7 +2,7 @@
 # Container entrypoint: run any moespec command, the deepspeed launcher, or any shell command.
 #   docker run moespec:latest moespec-train experiment=demo_gpu
 #   docker run moespec:latest train experiment=demo_gpu     # short for moespec-train
-#   docker run moespec:latest deepspeed --num_gpus 8 -m moespec.train experiment=demo_gpu
+#   docker run moespec:latest deepspeed --num_gpus 8 --no_local_rank --module moespec.train experiment=demo_gpu
 #   docker run -it moespec:latest bash
 set -euo pipefail
 

@@ -207,3 +207,30 @@ def test_dockerignore_keeps_context_small():
     lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()}
     for entry in (".venv", "build", "outputs", "runs", "wandb", ".git"):
         assert entry in lines, f".dockerignore should exclude {entry}"
+
+
+def test_documented_deepspeed_commands_parse():
+    """Every `deepspeed ...` command line shown in the docs passes DeepSpeed's own parser."""
+    import re
+
+    from deepspeed.launcher.runner import parse_args
+
+    docs = [ROOT / "README.md", ROOT / "docker" / "README.md", ROOT / "docker" / "entrypoint.sh"]
+    docs += sorted((ROOT / "docs").glob("*.md"))
+    found = 0
+    for path in docs:
+        text = re.sub(r"\\\n\s*", " ", path.read_text())  # join continued lines
+        lines = [" ".join(m.split()) for m in re.findall(r"`deepspeed (--[^`]*)`", text)]
+        text = re.sub(r"`deepspeed --[^`]*`", "", text)  # inline spans may wrap lines
+        lines += re.findall(r"(?:^|\s)deepspeed (--[^`\n]*)", text, flags=re.M)
+        for line in (ln.split(" #", 1)[0].strip() for ln in lines):
+            words = shlex.split(line)
+            if "…" in line or "..." in line or any(w.isupper() or w.startswith("<") for w in words):
+                continue  # prose with elisions or placeholders
+            try:
+                args = parse_args(words)
+            except SystemExit:
+                pytest.fail(f"{path.name}: deepspeed's launcher rejects: deepspeed {line}")
+            assert args.module and args.user_script == "moespec.train", (path.name, line)
+            found += 1
+    assert found >= 4

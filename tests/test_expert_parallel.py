@@ -92,3 +92,31 @@ def test_token_dropping_matches_per_token_loop():
         [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "ok dropped=" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.multiproc
+def test_global_aux_scope_equals_whole_batch_loss(tmp_path):
+    """scope=global over 2 ranks: each rank's loss is the whole batch's, and the gradients
+    averaged over ranks (what data parallelism applies) are the whole batch's gradient."""
+    from moespec.routing import Router, RouterConfig
+    from moespec.routing import losses as L
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    worker = WORKER.parent / "global_aux.py"
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    router = Router(12, RouterConfig(num_experts=6, top_k=2))
+    batch = torch.randn(2, 20, 12, generator=torch.Generator().manual_seed(1))
+    out = router(batch.reshape(-1, 12))
+    ref = L.load_balancing_loss(out.scores, out.idx, 6)
+    ref.backward()
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for g in got:
+        torch.testing.assert_close(g["aux"], ref.detach(), rtol=1e-6, atol=1e-7)
+    mean_grad = (got[0]["grad"] + got[1]["grad"]) / 2
+    torch.testing.assert_close(mean_grad, router.weight.grad, rtol=1e-5, atol=1e-7)

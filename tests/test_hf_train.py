@@ -374,7 +374,7 @@ def test_errors_are_one_line(train_env, tmp_path):
         "dense": (["model.config=model/configs/llama_tiny.json"], "no MoE blocks found"),
         "missing": (
             ["model.config=null", f"model.name_or_path={tmp_path / 'nope'}"],
-            "does not exist",
+            "is not a directory; expected a save_pretrained directory",
         ),
         "unsupported": ([f"model.config={_unsupported_config(tmp_path)}"], "is not supported"),
     }

@@ -108,6 +108,8 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
     # Evaluation runs on its own schedule (steps 3, 6 and the last), not only on log steps.
     assert [s for s in sorted(want) if "val/loss" in want[s]] == [3, 6, 8]
     assert sorted(want) == sorted(got) == [2, 3, 4, 6, 8]
+    wandb_ids = {p.name.rsplit("-", 1)[1] for p in (part / "wandb").glob("offline-run-*")}
+    assert len(list((part / "wandb").glob("offline-run-*"))) == 2 and len(wandb_ids) == 1
     for step in (6, 8):  # the window of step 6 spans the stop
         keys = set(want[step]) - {"train/tokens_per_s"}
         assert keys == set(got[step]) - {"train/tokens_per_s"}
@@ -118,6 +120,19 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
                 got[step][key],
                 want[step][key],
             )
+    # Resubmitting the finished job changes nothing.
+    summary, rows = (part / "summary.json").read_text(), (part / "metrics.jsonl").read_text()
+    proc = run_train([*common, "trainer.resume=auto", f"hydra.run.dir={part}"])
+    assert proc.returncode == 0 and "already finished" in proc.stdout + proc.stderr
+    assert (part / "summary.json").read_text() == summary
+    assert (part / "metrics.jsonl").read_text() == rows
+    # A checkpoint of another model is refused in one line.
+    ckpt = part / "checkpoints" / "step00000008"
+    other = [*FAST, "experiment=qwen3_moe_tiny", f"trainer.resume={ckpt}"]
+    proc = run_train([*other, f"hydra.run.dir={tmp_path / 'other'}"])
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "does not fit this model" in errors[0] and "another recipe" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -129,6 +144,11 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
         ("moe.top_k=9", "moe.top_k=9"),
         ("loss.z.weight=1e38", "non-finite loss"),
         ("trainer.log_every=0", "trainer.log_every must be >= 1, got 0"),
+        ("trainer.max_steps=-1", "trainer.max_steps must be >= 1, got -1"),
+        ("deepspeed.micro_batch_size=0", "deepspeed.micro_batch_size must be >= 1, got 0"),
+        ("moe.score_func=relu", "moe.score_func='relu'; valid: softmax, sigmoid"),
+        ("data=jsonl", "data.source is empty: set data.source=PATH"),
+        ("moe=megablocks", "moe.backend=megablocks needs a CUDA GPU"),
     ],
 )
 def test_bad_input_fails_cleanly(run_train, tmp_path, override, needle):

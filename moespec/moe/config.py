@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..routing import LossConfig, RouterConfig
+from ..routing import LossConfig, RouterConfig, validate_router_config
 
 BACKENDS = ("native", "deepspeed", "megablocks")
 
@@ -54,6 +54,10 @@ class MoEConfig:
             raise ValueError(f"moe.shared_expert_size must be >= 0, got {self.shared_expert_size}")
         if self.ep_size < 1:
             raise ValueError(f"moe.ep_size must be >= 1, got {self.ep_size}")
+        try:  # the router's own checks, under the moe.* names the recipe uses
+            validate_router_config(self.router_config(LossConfig()))
+        except ValueError as err:
+            raise ValueError(str(err).replace("router.", "moe.")) from None
         if self.num_experts % self.ep_size:
             raise ValueError(
                 f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}"

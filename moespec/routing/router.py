@@ -216,17 +216,31 @@ class Router(nn.Module):
         return f"hidden={self.hidden_size}, experts={c.num_experts}, top_k={c.top_k}, score={c.score_func}"
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(Σ_r x_r)/dx_r = 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _global_load_balancing(
     scores: torch.Tensor, idx: torch.Tensor, num_experts: int
 ) -> torch.Tensor:
     """Aux loss with f and P averaged over all data-parallel ranks before the product."""
-    from torch.distributed.nn.functional import all_reduce as diff_all_reduce
-
     world = dist.get_world_size()
     f, p = L.load_balancing_stats(scores, idx, num_experts)
     f = f.detach().clone()
     dist.all_reduce(f)
-    p = diff_all_reduce(p.contiguous())
+    p = _SumAcrossRanks.apply(p.contiguous())
     return num_experts * ((f / world) * (p / world)).sum()
 
 

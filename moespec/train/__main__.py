@@ -73,6 +73,7 @@ def _shared_run_dir(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from ..moe.megablocks import BackendUnavailableError
     from .config import TrainConfig
     from .trainer import TrainingError, train
 
@@ -85,6 +86,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         summary = train(typed, run_dir)
     except (
         TrainingError,
+        BackendUnavailableError,
         ValueError,
         FloatingPointError,
         FileNotFoundError,

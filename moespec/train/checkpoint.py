@@ -162,7 +162,15 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     """Load engine state from a complete checkpoint; returns the trainer state."""
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    try:
+        _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        raise ValueError(
+            f"checkpoint {path} does not fit this model: {_state_dict_mismatch(err)}; "
+            "was it written by another recipe?"
+        ) from None
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -195,6 +203,22 @@ def set_aside_newer(ckpt_root: Path, resume_from: Path) -> list[Path]:
         moved.append(aside / p.name)
     fsync_path(ckpt_root)
     return moved
+
+
+def _state_dict_mismatch(err: RuntimeError) -> str:
+    """``load_state_dict``'s long list of key names as counts and a first example."""
+    parts = []
+    for line in str(err).splitlines():
+        line = line.strip()
+        for label in ("Missing key(s)", "Unexpected key(s)"):
+            if line.startswith(label):
+                keys = line.split(":", 1)[1].split(", ")
+                parts.append(
+                    f"{len(keys)} {label.lower().replace('(s)', 's')} (e.g. {keys[0].strip()})"
+                )
+        if line.startswith("size mismatch"):
+            parts.append(line.rstrip("."))
+    return "; ".join(parts[:3]) or str(err).splitlines()[0]
 
 
 def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:

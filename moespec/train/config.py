@@ -90,7 +90,7 @@ class TrainerConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        minimum = {"keep_checkpoints": 0, "stop_after": 0}
+        minimum = {"keep_checkpoints": 0, "stop_after": 0, "save_every": 0}
         for name in (
             "max_steps", "log_every", "eval_every", "eval_batches", "plot_every", "save_every",
             "collapse_patience", "keep_checkpoints", "stop_after",

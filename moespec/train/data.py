@@ -133,7 +133,11 @@ def resolve_sources(source: str) -> list[Path]:
     """Expand ``source`` (comma list of files/directories) into data files or saved datasets."""
     paths = [s.strip() for s in source.split(",") if s.strip()]
     if not paths:
-        raise ValueError(f"data source is empty: {source!r} (use 'embedded' or paths)")
+        raise ValueError(
+            "data.source is empty: set data.source=PATH (a JSONL/JSON/Parquet/text file, a "
+            "save_to_disk directory, or several in quotes: \"data.source='a.jsonl,b.jsonl'\") "
+            "or use data=embedded"
+        )
     out: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser().resolve()
@@ -373,11 +377,11 @@ def _gather(tokens: np.ndarray, doms: np.ndarray, offsets: np.ndarray, idx: np.n
 
 def _validate(cfg: DataConfig) -> None:
     if cfg.seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {cfg.seq_len}")
+        raise ValueError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.source == "embedded" and cfg.max_chars_per_domain <= 0:
-        raise ValueError(f"max_chars_per_domain must be > 0, got {cfg.max_chars_per_domain}")
+        raise ValueError(f"data.max_chars_per_domain must be > 0, got {cfg.max_chars_per_domain}")
 
 
 def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:

@@ -16,14 +16,18 @@ log = logging.getLogger("moespec")
 ROUTING_KEYS = ("maxvio", "variance", "output_overlap", "load_cv", "dead_experts", "domain_mi")
 
 
+#: Run-level routing metrics that add up over layers instead of averaging.
+SUMMED = frozenset({"dead_experts"})
+
+
 def routing_metrics(per_layer: list[dict[str, float]]) -> dict[str, float]:
-    """``routing/<name>`` (mean over layers) and ``layer{i}/routing/<name>`` for every metric."""
+    """``routing/<name>`` (mean over layers; dead experts: sum) and ``layer{i}/routing/<name>``."""
     out: dict[str, float] = {}
     names = sorted({k for m in per_layer for k in m})
     for name in names:
         vals = [m[name] for m in per_layer if name in m]
         if vals:
-            out[f"routing/{name}"] = float(np.mean(vals))
+            out[f"routing/{name}"] = float(np.sum(vals) if name in SUMMED else np.mean(vals))
         for i, m in enumerate(per_layer):
             if name in m:
                 out[f"layer{i}/routing/{name}"] = float(m[name])
@@ -61,7 +65,12 @@ class MetricsLogger:
 
         mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
+        # A resumed run continues the wandb run of its run directory.
+        id_file = self.run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
         self.wandb = wandb.init(
+            id=run_id,
+            resume="allow" if run_id else None,
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.name or run_name,
@@ -73,6 +82,8 @@ class MetricsLogger:
             reinit="finish_previous",
         )
         self.wandb_dir = Path(self.wandb.dir).parent if self.wandb is not None else None
+        if run_id is None and self.wandb is not None:
+            id_file.write_text(self.wandb.id + "\n")
         log.info("wandb run %s (%s) in %s", self.wandb.name, mode, self.wandb_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -129,6 +129,11 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2):
         raise TrainingError(f"deepspeed.zero_stage={ds.zero_stage}; valid with MoE layers: 0, 1, 2")
+    for name in ("micro_batch_size", "gradient_accumulation_steps"):
+        if getattr(ds, name) < 1:
+            raise TrainingError(f"deepspeed.{name} must be >= 1, got {getattr(ds, name)}")
+    if ds.gradient_clipping < 0:
+        raise TrainingError(f"deepspeed.gradient_clipping must be >= 0, got {ds.gradient_clipping}")
     if ds.precision not in ("fp32", "bf16", "fp16"):
         raise TrainingError(f"deepspeed.precision={ds.precision!r}; valid: fp32, bf16, fp16")
     conf: dict[str, Any] = {
@@ -301,6 +306,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             log.info("resumed from %s (step %d)", resume_from, start_step)
             for name, (loaded, now) in changed.items():
                 log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
+    if start_step >= total:
+        if rank == 0:
+            log.info(
+                "the run already finished (step %d of trainer.max_steps=%d); nothing to do",
+                start_step,
+                total,
+            )
+        done = run_dir / "summary.json"
+        return json.loads(done.read_text()) if done.is_file() else {}
     batches = batch_iterator(data.train, micro, seed=cfg.data.seed, rank=rank, world_size=world)
     if sampler_state is not None:
         batches.load_state_dict(sampler_state)
@@ -416,7 +430,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             last.update(metrics)
 
         stopping = bool(cfg.trainer.stop_after) and cfg.trainer.stop_after <= step < total
-        if step % cfg.trainer.save_every == 0 or step == total or stopping:
+        every = cfg.trainer.save_every
+        if (every and step % every == 0) or step == total or stopping:
             save(step)
         if stopping:
             if rank == 0:
@@ -439,6 +454,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             if (run_dir / "plots").is_dir()
             else []
         )
-        log.info("run directory %s; %d heat maps; wandb %s", run_dir, len(plots), logger.wandb_dir)
+        log.info(
+            "run directory %s; %d heat maps; wandb %s",
+            run_dir,
+            len(plots),
+            logger.wandb_dir or "off",
+        )
     logger.finish(summary)
     return summary
