@@ -6,7 +6,8 @@
 #
 # HOSTFILE holds one `host slots=N` line per node (comments and blank lines allowed).
 # The master address defaults to the first host. --dry-run prints the command instead
-# of running it.
+# of running it. The overrides are checked against the recipes first (with $PYTHON, default
+# python3, when it can import moespec).
 set -euo pipefail
 
 usage() {
@@ -151,6 +152,14 @@ if [[ -n "$num_gpus" ]]; then
 fi
 cmd+=(--no_local_rank --module moespec.train)
 cmd+=("${overrides[@]+"${overrides[@]}"}")
+
+# The overrides are checked here, once, rather than by every rank after the launch.
+python="${PYTHON:-python3}"
+if "$python" -c "import moespec" 2>/dev/null; then
+    "$python" -m moespec.train --check "${overrides[@]+"${overrides[@]}"}" >/dev/null || exit 2
+else
+    echo "launch_cluster.sh: overrides not checked ($python cannot import moespec; set PYTHON)" >&2
+fi
 
 echo "launch_cluster.sh: $nodes node(s), $total_gpus GPU(s), master $master_addr:$master_port" >&2
 if ((dry_run)); then

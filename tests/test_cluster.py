@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shlex
 import shutil
 import subprocess
@@ -84,8 +85,9 @@ def _launch(*args: str) -> subprocess.CompletedProcess[str]:
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("bash is not on PATH")
+    env = {**os.environ, "PYTHON": sys.executable}  # the interpreter that has moespec
     return subprocess.run(
-        [bash, str(LAUNCH), *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [bash, str(LAUNCH), *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
     )
 
 
@@ -122,6 +124,13 @@ def test_dry_run_prints_multi_node_command(hostfile: Path):
     assert argv[-2:] == ["experiment=demo_gpu", "loss.orthogonality.weight=1e-4"]
     assert argv.index("--module") < argv.index("experiment=demo_gpu")
     assert "2 node(s), 16 GPU(s)" in proc.stderr
+
+
+def test_dry_run_checks_the_overrides_first(hostfile: Path):
+    proc = _launch("--hostfile", str(hostfile), "--dry-run", "--", "loss.orthogonaliti.weight=1")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Key 'orthogonaliti' not in 'LossConfig'" in errors[0]
 
 
 def test_dry_run_with_explicit_gpus_addr_port(hostfile: Path):

@@ -106,7 +106,11 @@ def _destroy_process_group() -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point; ``--check OVERRIDES`` only composes the recipe (exit 0 or 2)."""
+    if sys.argv[1:2] == ["--check"]:
+        check_overrides(sys.argv[2:], recipes_dir(), "train")
+        print("ok: the recipe composes with these overrides")
+        return
     sys.argv = [sys.argv[0], *_shared_run_dir(_strip_launcher_args(sys.argv[1:]))]
     check_overrides(sys.argv[1:], recipes_dir(), "train")
     atexit.register(_destroy_process_group)
