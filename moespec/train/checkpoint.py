@@ -39,7 +39,10 @@ def fsync_tree(root: Path) -> None:
     """Flush every file below ``root`` and the directories holding them."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fsync_path(Path(dirpath) / name)
+            try:
+                fsync_path(Path(dirpath) / name)
+            except FileNotFoundError:  # replaced meanwhile (the new file is flushed by its writer)
+                continue
         fsync_path(Path(dirpath))
 
 
@@ -144,7 +147,8 @@ def save_checkpoint(
     )
     path.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"rng": rng_state(), **(rank_state or {})}, path / f"rank{rank}_state.pt")
-    fsync_tree(path)  # every shard on disk before the marker can claim the checkpoint complete
+    _barrier()  # every rank has written its files ...
+    fsync_tree(path)  # ... and each flushes what its node holds, before the marker claims them
     _barrier()
     if rank == 0:
         atomic_write_text(
