@@ -39,22 +39,26 @@ def _first_of_each_sweep(overrides: list[str]) -> list[str]:
 
     out = []
     for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
-        if parsed.is_sweep_override():
-            value = next(iter(parsed.sweep_string_iterator()))
-            out.append(f"{parsed.get_key_element()}={value}")
-        else:
+        if not parsed.is_sweep_override():
             out.append(text)
+            continue
+        try:
+            value = next(iter(parsed.sweep_string_iterator()))
+        except Exception:  # glob() and others need Hydra's config loader: left to Hydra
+            continue
+        out.append(f"{parsed.get_key_element()}={value}")
     return out
 
 
 def _valid_keys_hint(error: BaseException) -> str:
     """For an unknown key of a structured config: the keys that node has."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    cause = error if isinstance(error, ConfigKeyError) else error.__cause__
+    unknown = (ConfigKeyError, ConfigAttributeError)
+    cause = error if isinstance(error, unknown) else error.__cause__
     node = getattr(cause, "object_type", None)
-    if not isinstance(cause, ConfigKeyError) or node is None:
+    if not isinstance(cause, unknown) or node is None:
         return ""
     try:
         keys = list(OmegaConf.structured(node).keys())

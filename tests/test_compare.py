@@ -131,3 +131,33 @@ def test_labels_fall_back_to_directory_names(tmp_path):
         "x=1 (b)",
         "x=2 (c)",
     ]
+
+
+def test_relogged_steps_keep_the_last_row(tmp_path):
+    """A run resumed from an older checkpoint logs some steps again: the newer row wins."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [(10, 5.0), (20, 4.0), (30, 3.5), (20, 4.1), (30, 3.6), (40, 3.0)]
+    text = "".join(json.dumps({"step": s, "train/lm_loss": v}) + "\n" for s, v in rows)
+    (run_dir / "metrics.jsonl").write_text(text + json.dumps({"step": 40, "alert": "x"}) + "\n")
+    (run,) = find_runs([run_dir])
+    assert run.series("train/lm_loss") == ([10, 20, 30, 40], [5.0, 4.1, 3.6, 3.0])
+    assert run.summary == {"train/lm_loss": 3.0} and run.alerts == ["x"]
+
+
+def test_odd_run_directories(tmp_path, capsys):
+    alerts_only = tmp_path / "alerts"
+    alerts_only.mkdir()
+    (alerts_only / "metrics.jsonl").write_text(json.dumps({"step": 3, "alert": "dead"}) + "\n")
+    assert main([str(alerts_only)]) == 0
+    captured = capsys.readouterr()
+    assert "| routing alarms | 1 |" in captured.out and "no curves" in captured.err
+
+    assert main([str(alerts_only / "metrics.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file; give the run directory" in err[0]
+
+    (alerts_only / "summary.json").write_text('{"val/loss": 4.')
+    assert main([str(alerts_only), "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.json: not JSON" in err[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -126,13 +127,18 @@ def test_resume_reproduces_uninterrupted_run(run_train, read_metrics, tmp_path):
     assert proc.returncode == 0 and "already finished" in proc.stdout + proc.stderr
     assert (part / "summary.json").read_text() == summary
     assert (part / "metrics.jsonl").read_text() == rows
+    # A job that died after its last checkpoint but before its summary gets the summary back.
+    (part / "summary.json").unlink()
+    proc = run_train([*common, "trainer.resume=auto", f"hydra.run.dir={part}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((part / "summary.json").read_text()) == json.loads(summary)
     # A checkpoint of another model is refused in one line.
     ckpt = part / "checkpoints" / "step00000008"
     other = [*FAST, "experiment=qwen3_moe_tiny", f"trainer.resume={ckpt}"]
     proc = run_train([*other, f"hydra.run.dir={tmp_path / 'other'}"])
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert "does not fit this model" in errors[0] and "another recipe" in errors[0]
+    assert "does not fit this run: 25 missing keys" in errors[0] and "another recipe" in errors[0]
 
 
 @pytest.mark.parametrize(
@@ -176,12 +182,37 @@ def test_resume_from_an_older_step_sets_newer_checkpoints_aside(tmp_path):
     (root / ckpt.tag_for(400)).mkdir()  # a write cut short
     older = root / ckpt.tag_for(100)
     moved = ckpt.set_aside_newer(root, older)
-    assert [p.name for p in moved] == [ckpt.tag_for(s) for s in (200, 300, 400)]
-    assert all(p.is_dir() and p.parent.parent == root / "superseded" for p in moved)
+    assert [p.name for p in moved] == [ckpt.tag_for(s) for s in (200, 300)]
+    assert all((p / ckpt.MARKER).is_file() for p in moved)
+    assert all(p.parent.parent == root / "superseded" for p in moved)
+    assert not (root / ckpt.tag_for(400)).exists()  # never resumable: deleted, not kept
     assert ckpt.complete_checkpoints(root) == [older]
     assert ckpt.resolve_resume("auto", root) == older
     assert ckpt.set_aside_newer(root, older) == []
+    (root / ckpt.tag_for(200)).mkdir()  # once more, within the same second
+    ckpt.atomic_write_text(root / ckpt.tag_for(200) / ckpt.MARKER, "step 200\n")
+    assert len(ckpt.set_aside_newer(root, older)) == 1
+    assert len(list((root / "superseded").iterdir())) == 2
     # A checkpoint of another run directory leaves this one alone.
     other = tmp_path / "other" / ckpt.tag_for(50)
     other.mkdir(parents=True)
     assert ckpt.set_aside_newer(root, other) == []
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["experiment=demo", "loss=specialization"], 0, "ok: the recipe composes"),
+        (["experiment=smoke", "moe.top_k=99"], 2, "moe.top_k=99 with moe.num_experts=4"),
+        (["data=jsonl"], 2, "data.source is empty"),
+        (["moe.topk=2"], 2, "(valid keys: backend, num_experts, top_k"),
+        (["experiment=smoke", "--cfg", "job"], 2, "--check takes overrides only"),
+    ],
+)
+def test_check_only_composes_and_validates(run_train, tmp_path, args, code, needle):
+    proc = run_train(["--check", *args, f"hydra.run.dir={tmp_path / 'never'}"])
+    assert proc.returncode == code, proc.stderr[-3000:]
+    out = proc.stdout if code == 0 else proc.stderr
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], out
+    assert not (tmp_path / "never").exists()

@@ -128,9 +128,10 @@ class MoespecMOELayer(MOELayer):
         )  # [k,S,M]
         # Losses and overlap over the tokens that kept all k routes: a dropped route has no
         # expert output to be orthogonal to (it would enter as a zero vector).
-        whole = (indices >= 0).all(0)
         per_token = raw.transpose(0, 1)
-        self.gate.router.record_expert_outputs(per_token if bool(whole.all()) else per_token[whole])
+        if self.gate.dropped_routes:
+            per_token = per_token[(indices >= 0).all(0)]
+        self.gate.router.record_expert_outputs(per_token)
         combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
         return combined.reshape(x.shape)
 

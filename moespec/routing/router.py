@@ -316,7 +316,7 @@ def calibrate(routers: list[Router]) -> dict[str, float] | None:
     training forward); after an eval forward the weight stays uncalibrated until the next one.
     """
     todo = [r for r in routers if r.loss_weights.needs_calibration()]
-    if not todo:
+    if not todo or not all(r.training for r in todo):  # the first *training* batch calibrates
         return None
     found = {}
     for name in ("orthogonality", "variance"):
@@ -352,8 +352,8 @@ def restore_loss_weights(
 
     ``calibrated`` is the weights record of the trainer state, used where the loaded module
     state holds no calibration (routers kept out of the model state, as on Hugging Face models).
-    Returns ``{name: (loaded, now)}`` for the weights that changed (of the first router that
-    changed).
+    Returns ``{name: (loaded, now)}`` for the weights that changed (as the last router that
+    changed reports them; all routers share one recipe).
     """
     changed: dict[str, tuple[float, float]] = {}
     for r in iter_routers(model):

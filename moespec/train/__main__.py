@@ -105,11 +105,31 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def check_recipe(overrides: list[str]) -> None:
+    """Compose the recipe and run every check that needs no data or model; exit 2 on a fault."""
+    flags = [a for a in overrides if a.startswith("-")]
+    if flags:
+        fail(f"--check takes overrides only, not {' '.join(flags)}")
+    check_overrides(overrides, recipes_dir(), "train")
+    from hydra import compose, initialize_config_dir
+
+    from .config import TrainConfig
+    from .trainer import TrainingError, validate_recipe
+
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    try:
+        typed: TrainConfig = OmegaConf.to_object(cfg)
+        validate_recipe(typed)
+    except (TrainingError, ValueError, FileNotFoundError) as err:
+        fail(err)
+    print("ok: the recipe composes and passes its checks")
+
+
 def main() -> None:
     """Console entry point; ``--check OVERRIDES`` only composes the recipe (exit 0 or 2)."""
     if sys.argv[1:2] == ["--check"]:
-        check_overrides(sys.argv[2:], recipes_dir(), "train")
-        print("ok: the recipe composes with these overrides")
+        check_recipe(sys.argv[2:])
         return
     sys.argv = [sys.argv[0], *_shared_run_dir(_strip_launcher_args(sys.argv[1:]))]
     check_overrides(sys.argv[1:], recipes_dir(), "train")

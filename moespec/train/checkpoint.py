@@ -27,10 +27,16 @@ PREFIX = "step"
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file's data, or a directory's entries, to disk."""
+    """Flush a file's data, or a directory's entries, to disk.
+
+    Some network and FUSE filesystems refuse to fsync a directory; that is not an error here.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
     finally:
         os.close(fd)
 
@@ -63,11 +69,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temp file and ``os.replace``."""
+    """``torch.save`` through a temp file and ``os.replace``; flushed to disk."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        fsync_path(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -147,8 +154,9 @@ def save_checkpoint(
     )
     path.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"rng": rng_state(), **(rank_state or {})}, path / f"rank{rank}_state.pt")
-    _barrier()  # every rank has written its files ...
-    fsync_tree(path)  # ... and each flushes what its node holds, before the marker claims them
+    _barrier()  # every rank has written its files: one process per node flushes the tree
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        fsync_tree(path)
     _barrier()
     if rank == 0:
         atomic_write_text(
@@ -169,11 +177,9 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     try:
         _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     except RuntimeError as err:
-        if "state_dict" not in str(err):
-            raise
         raise ValueError(
-            f"checkpoint {path} does not fit this model: {_state_dict_mismatch(err)}; "
-            "was it written by another recipe?"
+            f"checkpoint {path} does not fit this run: {_state_dict_mismatch(err)}; "
+            "was it written by another recipe or another moespec version?"
         ) from None
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
@@ -181,6 +187,9 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     state = dict(client["moespec"])
     rank_file = path / f"rank{rank}_state.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    older = path / f"rng_rank{rank}.pt"  # checkpoints of earlier versions: RNG states only
+    if not rank_state and older.is_file():
+        rank_state = {"rng": torch.load(older, weights_only=False)}
     if "rng" in rank_state:
         set_rng_state(rank_state.pop("rng"))
     state["rank"] = rank_state
@@ -188,21 +197,27 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
 
 
 def set_aside_newer(ckpt_root: Path, resume_from: Path) -> list[Path]:
-    """Move checkpoints of ``ckpt_root`` newer than ``resume_from`` into ``superseded/``.
+    """Move complete checkpoints newer than ``resume_from`` into ``superseded/``; delete
+    incomplete ones (writes cut short, never resumable).
 
     Resuming from an older step starts a new history: left in place, the abandoned newer
     checkpoints would win ``resume=auto`` and outlive the new ones when old ones are pruned.
+    Returns where the complete ones went.
     """
     if resume_from.parent.resolve() != ckpt_root.resolve():
         return []
     newer = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
     newer = sorted(p for p in newer if p.name > resume_from.name)
-    if not newer:
+    for p in [p for p in newer if not (p / MARKER).is_file()]:
+        shutil.rmtree(p, ignore_errors=True)
+    complete = [p for p in newer if (p / MARKER).is_file()]
+    if not complete:
         return []
-    aside = ckpt_root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-    aside.mkdir(parents=True, exist_ok=True)
+    (ckpt_root / "superseded").mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=ckpt_root / "superseded"))
     moved = []
-    for p in newer:
+    for p in complete:
         p.rename(aside / p.name)
         moved.append(aside / p.name)
     fsync_path(ckpt_root)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .logging import run_level
+
 #: (metric key, label, which way is better: "lower", "higher" or None)
 TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("val/loss", "validation loss", "lower"),
@@ -74,6 +76,7 @@ def load_run(path: Path) -> Run:
     if not metrics.is_file():
         raise CompareError(f"{path}: no metrics.jsonl (not a moespec run directory)")
     run = Run(path=path)
+    by_step: dict[int, dict] = {}  # a resumed run may log a step again: the last row wins
     for number, line in enumerate(metrics.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,14 +86,18 @@ def load_run(path: Path) -> Run:
             raise CompareError(f"{metrics}:{number}: not JSON ({err.msg})") from None
         if "alert" in row:
             run.alerts.append(str(row["alert"]))
-        else:
-            run.history.append(row)
+        elif "step" in row:
+            by_step[int(row["step"])] = row
+    run.history = [by_step[s] for s in sorted(by_step)]
     # The last value of each run-level metric; summary.json (written at the end) wins.
     for row in run.history:
-        run.summary.update({k: v for k, v in row.items() if "/" in k and not k.startswith("layer")})
+        run.summary.update(run_level(row))
     summary = path / "summary.json"
     if summary.is_file():
-        run.summary.update(json.loads(summary.read_text()))
+        try:
+            run.summary.update(json.loads(summary.read_text()))
+        except json.JSONDecodeError as err:
+            raise CompareError(f"{summary}: not JSON ({err.msg})") from None
     overrides = path / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         run.overrides = [str(o) for o in OmegaConf.load(overrides)]
@@ -109,6 +116,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for path in paths:
         if not path.exists():
             raise CompareError(f"{path}: no such directory")
+        if not path.is_dir():
+            raise CompareError(f"{path} is a file; give the run directory that holds it")
         if (path / "metrics.jsonl").is_file():
             runs.append(load_run(path))
             continue
@@ -238,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             print(f"error: cannot write the plot to {target}: {err.strerror}", file=sys.stderr)
             return 2
+        except ValueError as err:  # nothing logged yet: the table is all there is
+            print(f"\nno curves: {err}", file=sys.stderr)
+            return 0
         print(f"\ncurves: {target}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -375,13 +375,16 @@ def _gather(tokens: np.ndarray, doms: np.ndarray, offsets: np.ndarray, idx: np.n
     return np.concatenate([tokens[s] for s in pieces]), np.concatenate([doms[s] for s in pieces])
 
 
-def _validate(cfg: DataConfig) -> None:
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ``ValueError`` naming the first invalid ``data.*`` field (sources must exist)."""
     if cfg.seq_len < 2:
         raise ValueError(f"data.seq_len must be >= 2, got {cfg.seq_len}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.source == "embedded" and cfg.max_chars_per_domain <= 0:
         raise ValueError(f"data.max_chars_per_domain must be > 0, got {cfg.max_chars_per_domain}")
+    if cfg.source != "embedded":
+        resolve_sources(cfg.source)  # every file or directory must exist
 
 
 def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:
@@ -391,7 +394,7 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     build; the trainer calls rank 0 first and the other ranks after a barrier, so they only
     read the cache. Only rank 0 shows progress bars.
     """
-    _validate(cfg)
+    validate_data_config(cfg)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     src_fp = _source_fingerprint(cfg)
     doc_key = {

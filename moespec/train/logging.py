@@ -16,6 +16,11 @@ log = logging.getLogger("moespec")
 ROUTING_KEYS = ("maxvio", "variance", "output_overlap", "load_cv", "dead_experts", "domain_mi")
 
 
+def run_level(metrics: dict[str, float]) -> dict[str, float]:
+    """The run-level entries of a metrics row (``group/name``; no ``layer{i}/...``, no step)."""
+    return {k: v for k, v in metrics.items() if "/" in k and not k.startswith("layer")}
+
+
 #: Run-level routing metrics that add up over layers instead of averaging.
 SUMMED = frozenset({"dead_experts"})
 
@@ -46,7 +51,14 @@ class MetricsLogger:
     """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to wandb."""
 
     def __init__(
-        self, run_dir: Path, wandb_cfg: Any, config: dict[str, Any], run_name: str, enabled: bool
+        self,
+        run_dir: Path,
+        wandb_cfg: Any,
+        config: dict[str, Any],
+        run_name: str,
+        enabled: bool,
+        *,
+        resume: bool = False,
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
@@ -58,16 +70,16 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if wandb_cfg.enabled:
-            self._init_wandb(wandb_cfg, config, run_name)
+            self._init_wandb(wandb_cfg, config, run_name, resume)
 
-    def _init_wandb(self, cfg: Any, config: dict[str, Any], run_name: str) -> None:
+    def _init_wandb(self, cfg: Any, config: dict[str, Any], run_name: str, resume: bool) -> None:
         import wandb
 
         mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
-        # A resumed run continues the wandb run of its run directory.
+        # A resumed run continues the wandb run of its run directory; a fresh one starts anew.
         id_file = self.run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         self.wandb = wandb.init(
             id=run_id,
             resume="allow" if run_id else None,

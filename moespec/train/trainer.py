@@ -32,10 +32,11 @@ from ..routing import (
 )
 from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
+from .compare import load_run
 from .config import TrainConfig
-from .data import DataBundle, batch_iterator, build_data
+from .data import DataBundle, batch_iterator, build_data, validate_data_config
 from .launch import free_port
-from .logging import MetricsLogger, loss_metrics, routing_metrics
+from .logging import MetricsLogger, loss_metrics, routing_metrics, run_level
 
 log = logging.getLogger("moespec")
 
@@ -77,6 +78,20 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def validate_recipe(cfg: TrainConfig) -> None:
+    """Every check that needs no data, model weights or processes: bad input fails at once."""
+    cfg.moe.validate()
+    cfg.trainer.validate()
+    deepspeed_config(cfg)
+    validate_data_config(cfg.data)
+    if cfg.model.type == "hf":
+        from ..models.hf_train import check_model_source
+
+        check_model_source(cfg)
+    elif cfg.model.type != "tiny":
+        raise TrainingError(f"model.type={cfg.model.type!r}; valid: tiny, hf")
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
@@ -225,8 +240,12 @@ def _restore_window(
     routers: list[Any],
     monitor: CollapseMonitor,
 ) -> None:
-    """Continue the logging window that a checkpoint cut (sums, routing statistics, alarms)."""
-    if not window or len(window["routing"]) != len(routers):
+    """Continue the logging window that a checkpoint cut (sums, routing statistics, alarms).
+
+    Only with the world size of the run that saved it; otherwise the window starts afresh.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not window or len(window["routing"]) != len(routers) or window.get("world") != world:
         return
     acc[:] = window["acc"]
     for router, stats in zip(routers, window["routing"]):
@@ -242,8 +261,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     import deepspeed
 
     rank, world = init_distributed()
-    cfg.moe.validate()
-    cfg.trainer.validate()
+    validate_recipe(cfg)
     torch.manual_seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     if cfg.moe.ep_size > world:
@@ -306,15 +324,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             log.info("resumed from %s (step %d)", resume_from, start_step)
             for name, (loaded, now) in changed.items():
                 log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
-    if start_step >= total:
+    done = run_dir / "summary.json"
+    if start_step >= total and done.is_file():
         if rank == 0:
             log.info(
                 "the run already finished (step %d of trainer.max_steps=%d); nothing to do",
                 start_step,
                 total,
             )
-        done = run_dir / "summary.json"
-        return json.loads(done.read_text()) if done.is_file() else {}
+        return json.loads(done.read_text())
     batches = batch_iterator(data.train, micro, seed=cfg.data.seed, rank=rank, world_size=world)
     if sampler_state is not None:
         batches.load_state_dict(sampler_state)
@@ -322,6 +340,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     def save(step: int) -> None:
         state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
         window = {
+            "world": world,
             "acc": acc.tolist(),
             "routing": [r.stats.state_dict() for r in routers],
             "monitor": monitor.state_dict(),
@@ -332,7 +351,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     run_name = cfg.run_name or run_dir.name
-    logger = MetricsLogger(run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0)
+    logger = MetricsLogger(
+        run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0, resume=resume_from is not None
+    )
     bar = None
     if rank == 0 and cfg.trainer.progress:
         from tqdm.auto import tqdm
@@ -340,7 +361,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
 
     device = _device()
-    last: dict[str, float] = {}
+    # A resumed run's summary starts from what the run logged before (e.g. its last eval).
+    resumed = resume_from is not None and (run_dir / "metrics.jsonl").is_file()
+    last: dict[str, float] = load_run(run_dir).summary if resumed else {}
     last_weights = routers[0].loss_weights.as_dict() if routers else {}
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step + 1, total + 1):
@@ -446,9 +469,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         bar.close()
     if hasattr(model, "export_pretrained"):  # collective under expert parallel; rank 0 writes
         model.export_pretrained(run_dir / "hf_model")
-    summary = {k: v for k, v in last.items() if "/" in k and not k.startswith("layer")}
+    summary = run_level(last)
     if rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
         plots = (
             sorted(str(p) for p in (run_dir / "plots").glob("*.png"))
             if (run_dir / "plots").is_dir()
