@@ -115,33 +115,79 @@ def count_hooks(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- discovery
 
 _DECODER_LIST_NAMES = ("layers", "h", "blocks", "decoder_layers")
+# path components of encoder towers whose layer lists must never be taken for the text decoder
+_ENCODER_PATH = re.compile(r"vision|visual|image|audio|speech|whisper|encoder")
+
+
+def _decoder_root(model: nn.Module) -> nn.Module:
+    """The module that holds the text decoder: ``get_decoder()``, else the text config's owner.
+
+    Falls back to ``model`` itself when neither tells (moespec's own models, plain modules).
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    config = getattr(model, "config", None)
+    text_config = _text_config(model)
+    if text_config is not None and text_config is not config:
+        for _, mod in model.named_modules():
+            if mod is not model and getattr(mod, "config", None) is text_config:
+                return mod
+    return model
+
+
+def _layer_lists(root: nn.Module, prefix: str) -> list[tuple[str, list[nn.Module]]]:
+    """(qualified name, items) of every candidate decoder-layer list under ``root``."""
+    found = []
+    for name, mod in root.named_modules():
+        if not isinstance(mod, nn.ModuleList) or name.rsplit(".", 1)[-1] not in _DECODER_LIST_NAMES:
+            continue
+        if any(_ENCODER_PATH.search(part) for part in name.lower().split(".")):
+            continue
+        items = list(mod)
+        if items and all(_find_attention(item) is not None for item in items):
+            found.append((f"{prefix}.{name}" if prefix and name else prefix or name, items))
+    return found
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a language model, in order.
+    """The decoder layers of the language model, in order.
 
-    Takes the longest ``nn.ModuleList`` named ``layers``/``h``/``blocks`` whose items hold an
-    attention module; for a multimodal model that is the language tower's list.
+    The text decoder is resolved explicitly: ``model.get_decoder()`` where it exists, else the
+    submodule that owns the text config, else (or when that holds no layers) ``model``. Inside
+    it, the layers are the ``nn.ModuleList`` named ``layers``/``h``/``blocks``/``decoder_layers``
+    whose items hold an attention module; lists under vision, audio, speech or encoder paths never
+    count. When several lists remain the longest wins; a tie for the longest is a ``ValueError``.
     """
-    best: list[nn.Module] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or name.rsplit(".", 1)[-1] not in _DECODER_LIST_NAMES:
-            continue
-        if "vision" in name or "visual" in name:
-            continue
-        items = list(mod)
-        if (
-            items
-            and all(_find_attention(item) is not None for item in items)
-            and len(items) > len(best)
-        ):
-            best = items
-    if not best:
+    root = _decoder_root(model)
+    prefix = ""
+    if root is not model:
+        prefix = next((n for n, m in model.named_modules() if m is root), "")
+    found = _layer_lists(root, prefix)
+    if not found and root is not model:
+        found = _layer_lists(model, "")
+    if not found:
         raise ValueError(
-            f"no decoder layers found in {type(model).__name__}: expected an nn.ModuleList named "
-            f"one of {_DECODER_LIST_NAMES} whose items have a self-attention module"
+            f"no decoder layers found in {type(model).__name__}"
+            + (f" (text decoder {prefix!r})" if prefix else "")
+            + f": expected an nn.ModuleList named one of {_DECODER_LIST_NAMES} whose items have "
+            "a self-attention module, outside vision/audio/speech/encoder towers"
         )
-    return best
+    longest = max(len(items) for _, items in found)
+    best = [(name, items) for name, items in found if len(items) == longest]
+    if len(best) > 1:
+        names = ", ".join(f"{name!r}" for name, _ in best)
+        raise ValueError(
+            f"cannot tell the text decoder of {type(model).__name__}: {len(best)} layer lists of "
+            f"{longest} layers each ({names}); give the model a get_decoder() that returns the "
+            "language model"
+        )
+    return best[0][1]
 
 
 def _find_attention(layer: nn.Module) -> nn.Module | None:

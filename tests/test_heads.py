@@ -471,3 +471,303 @@ def test_mla_heads_are_discovered() -> None:
     with HeadController(model, profile, "fold"):
         folded = logits(model, item)
     torch.testing.assert_close(hooked, folded, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def reference_logits(model: torch.nn.Module, item: dict, heads: dict, gains: dict) -> torch.Tensor:
+    """Slow reference: a per-head loop in plain pre-hooks on each layer's own o_proj."""
+    outs = find_attention_output_projections(model)
+    handles = []
+    for out in outs:
+
+        def pre_hook(_mod, args, layer=out.layer, nh=out.num_heads, hd=out.head_dim):
+            x = args[0].clone()
+            view = x.view(*x.shape[:-1], nh, hd)
+            for cls, gain in gains.items():
+                for lyr, head in heads[cls]:
+                    if lyr == layer:
+                        view[..., head, :] *= gain
+            return (x,)
+
+        handles.append(out.module.register_forward_pre_hook(pre_hook))
+    try:
+        return logits(model, item)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_scores(model: torch.nn.Module, rows: list[dict], span=None) -> torch.Tensor:
+    """Slow reference: each unpadded row alone, output_attentions, last token's mass."""
+    total = 0
+    for row in rows:
+        with torch.no_grad():
+            out = model(**row, output_attentions=True)
+        ids = row["input_ids"][0]
+        if span is None:
+            mask = ids == IMG
+        else:
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[span[0] : span[1]] = True
+        total = total + torch.stack([a[0, :, -1, mask].sum(-1) for a in out.attentions])
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoder_layers_are_the_language_model(kind: str) -> None:
+    from moespec.hooks import find_decoder_layers
+
+    model, _, _ = build(kind)
+    text = model.model.language_model if hasattr(model.model, "language_model") else model.model
+    found = find_decoder_layers(model)
+    assert len(found) == 3 and all(a is b for a, b in zip(found, text.layers))
+
+
+# --------------------------------------------------------------------------- padding
+
+
+PAD_ROWS = [
+    torch.tensor([1, 3] + [IMG] * 4 + [5, 6, 7]),
+    torch.tensor([1, 3] + [IMG] * 4 + [8, 9, 10, 11, 12, 13]),
+]
+
+
+def padded(rows: list[torch.Tensor], side: str, pad: int) -> dict:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[i, cols], mask[i, cols] = row, 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def alone(rows: list[torch.Tensor]) -> list[dict]:
+    return [
+        dict(input_ids=r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long))
+        for r in rows
+    ]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("pad", [0, IMG])
+def test_padded_batch_scores_equal_rows_alone(side: str, pad: int) -> None:
+    model, _, _ = build("llama")
+    batch = padded(PAD_ROWS, side, pad)
+    expected = reference_scores(model, alone(PAD_ROWS))
+    got = score_heads(model, [batch], image_token_id=IMG)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    # a span in token positions counts from each row's first attended token
+    expected = reference_scores(model, alone(PAD_ROWS), span=(2, 6))
+    got = score_heads(model, [batch], span=(2, 6))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    # negative positions count from each row's end: (-7, -3) is (2, 6) in the row of 9 tokens
+    # and (5, 9) in the row of 12
+    rows = alone(PAD_ROWS)
+    expected = (
+        reference_scores(model, rows[:1], span=(2, 6))
+        + reference_scores(model, rows[1:], span=(5, 9))
+    ) / 2
+    got = score_heads(model, [dict(batch, span=(-7, -3))])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_rows_without_image_or_span_are_rejected_like_alone() -> None:
+    model, _, _ = build("llama")
+    rows = [PAD_ROWS[0], torch.tensor([1, 3, 8, 9, 10])]
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] have no image tokens"):
+        score_heads(model, alone(rows[1:]), image_token_id=IMG)
+    # the pad id is the image id: padding must not count as the second row's image
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no image tokens"):
+        score_heads(model, [padded(rows, "right", IMG)], image_token_id=IMG)
+    with pytest.raises(ValueError, match=r"span \(2, 7\) is empty or outside .* 5 tokens of row 1"):
+        score_heads(model, [padded(rows, "left", 0)], span=(2, 7))
+    holes = dict(input_ids=PAD_ROWS[0][None], attention_mask=torch.ones(1, 9, dtype=torch.long))
+    holes["attention_mask"][0, 3] = 0
+    with pytest.raises(ValueError, match="covers positions that attention_mask marks as padding"):
+        score_heads(model, [holes], span=(2, 6))
+
+
+# --------------------------------------------------------------------------- controller safety
+
+
+def test_shared_o_proj_is_refused() -> None:
+    model, inputs, _ = build("llama")
+    item = inputs[0]
+    layers = model.model.layers
+    heads = {"perception": [(0, 1)], "reasoning": []}
+    gains = {"perception": 1.16, "reasoning": 1.30}
+    # one Parameter in two modules: hook scales only layer 0, fold would scale layer 1 too
+    layers[1].self_attn.o_proj.weight = layers[0].self_attn.o_proj.weight
+    before, hooks = snapshot(model), count_hooks(model)
+    profile = make_profile(model, heads)
+    with HeadController(model, profile, "hook"):
+        hooked = logits(model, item)
+    torch.testing.assert_close(hooked, reference_logits(model, item, heads, gains))
+    with pytest.raises(
+        ValueError,
+        match=r"layer 0: the weight of .*layers.0.self_attn.o_proj shares its storage "
+        r"with \['model.layers.1.self_attn.o_proj.weight'\]; mode='fold' would scale",
+    ):
+        HeadController(model, profile, "fold")
+    # one module object used by two layers: the gain would apply to both layers, or twice
+    layers[1].self_attn.o_proj = layers[0].self_attn.o_proj
+    for mode in ("hook", "fold"):
+        for sel in (
+            {"perception": [(0, 1)], "reasoning": []},
+            {"perception": [(0, 1), (1, 1)], "reasoning": []},
+        ):
+            with pytest.raises(ValueError, match=r"layers \[0, 1\] share one o_proj module"):
+                HeadController(model, make_profile(model, sel), mode)
+    # an unselected shared module is harmless
+    with HeadController(
+        model, make_profile(model, {"perception": [(2, 1)], "reasoning": []}), "fold"
+    ):
+        pass
+    assert count_hooks(model) == hooks
+    assert_same_weights(model, before)
+
+
+def test_two_controllers_on_one_o_proj_are_refused() -> None:
+    model, inputs, _ = build("llama")
+    item = inputs[0]
+    before, hooks = snapshot(model), count_hooks(model)
+    gains = {"perception": 1.16, "reasoning": 1.30}
+    a_heads = {"perception": [(0, 1)], "reasoning": []}
+    b_heads = {"perception": [(0, 1)], "reasoning": [(2, 0)]}
+    ref_a = reference_logits(model, item, a_heads, gains)
+    ref_b = reference_logits(model, item, b_heads, gains)
+    a = HeadController(model, make_profile(model, a_heads), "fold")
+    for mode in ("fold", "hook"):
+        b = HeadController(model, make_profile(model, b_heads), mode)
+        with a:
+            with pytest.raises(
+                ValueError,
+                match=r"layer 0: .*layers.0.self_attn.o_proj is already "
+                r"controlled by an active HeadController\(mode='fold'",
+            ):
+                b.__enter__()
+            # the refused controller changed nothing: A alone is in effect
+            torch.testing.assert_close(logits(model, item), ref_a, atol=1e-6, rtol=1e-5)
+        assert_same_weights(model, before)
+        assert count_hooks(model) == hooks
+        # once A has exited, B may run
+        with b:
+            torch.testing.assert_close(logits(model, item), ref_b, atol=1e-6, rtol=1e-5)
+    # controllers on different layers compose, in any exit order
+    c = HeadController(
+        model, make_profile(model, {"perception": [(0, 1)], "reasoning": []}), "fold"
+    )
+    d = HeadController(
+        model, make_profile(model, {"perception": [], "reasoning": [(2, 0)]}), "hook"
+    )
+    c.__enter__()
+    d.__enter__()
+    torch.testing.assert_close(logits(model, item), ref_b, atol=1e-6, rtol=1e-5)
+    c.__exit__(None, None, None)
+    d.__exit__(None, None, None)
+    assert_same_weights(model, before)
+    assert count_hooks(model) == hooks
+
+
+def test_offloaded_model_hook_works_and_fold_is_refused() -> None:
+    import copy
+
+    from accelerate import cpu_offload
+
+    model, inputs, _ = build("llama")
+    item = inputs[0]
+    heads = {"perception": [(0, 1)], "reasoning": [(2, 0)]}
+    gains = {"perception": 1.16, "reasoning": 1.30}
+    expected = reference_logits(model, item, heads, gains)
+    offloaded = copy.deepcopy(model)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].self_attn.o_proj.weight.is_meta
+    hooks = count_hooks(offloaded)
+    profile = make_profile(offloaded, heads)
+    with HeadController(offloaded, profile, "hook"):
+        torch.testing.assert_close(logits(offloaded, item), expected)
+    with pytest.raises(ValueError, match=r"layer 0: the weight of .* is offloaded \(device meta"):
+        HeadController(offloaded, profile, "fold")
+    assert count_hooks(offloaded) == hooks
+    torch.testing.assert_close(logits(offloaded, item), logits(model, item))
+
+
+def test_profile_of_other_model_type_warns(caplog) -> None:
+    model, _, _ = build("llama")
+    caplog.set_level("WARNING", logger="moespec")
+    for model_type, warns in (("llama", False), ("unknown", False), ("qwen2", True)):
+        caplog.clear()
+        profile = make_profile(model, SOME_HEADS)
+        profile.model_type = model_type
+        HeadController(model, profile)
+        records = [r for r in caplog.records if r.name == "moespec"]
+        assert len(records) == int(warns), model_type
+        if warns:
+            assert "made for model_type 'qwen2' but the model is 'llama'" in records[0].getMessage()
+
+
+# --------------------------------------------------------------------------- selection checks
+
+
+@pytest.mark.parametrize(
+    "layers, heads, percent",
+    [
+        (10, 10, 29),
+        (10, 10, 57),
+        (28, 12, 25),
+        (28, 16, 35),
+        (10, 10, 7),
+        (36, 20, 35),
+        (60, 20, 41),
+    ],
+)
+def test_fraction_cap_is_exact(layers: int, heads: int, percent: int) -> None:
+    scores = torch.full((layers, heads), 0.5)
+    profile = select_heads(scores, HeadSelectionConfig(l_perc=100, max_fraction=percent / 100))
+    # reference in integers: floor(percent * n / 100)
+    assert len(profile.selected()) == percent * layers * heads // 100
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.5, float("nan"), float("inf"), "1.2", True, None])
+def test_profile_gains_must_be_finite_and_amplify(bad) -> None:
+    model, _, _ = build("llama")
+    profile = make_profile(model, {"perception": [(0, 1)], "reasoning": []})
+    data = profile.to_dict()
+    data["gains"]["perception"] = bad
+    with pytest.raises(ValueError, match=r"gains\['perception'\]=.* must be a finite number >= 1"):
+        HeadProfile.from_dict(data)
+    if isinstance(bad, float):
+        with pytest.raises(ValueError, match=r"gains\['reasoning'\]=.* must be a finite number"):
+            profile.with_gains(reasoning=bad)
+    assert profile.gains == {"perception": 1.16, "reasoning": 1.30}
+
+
+def test_profile_schema_errors_name_the_key() -> None:
+    model, _, _ = build("llama")
+    data = make_profile(model, SOME_HEADS).to_dict()
+    missing = json.loads(json.dumps(data))
+    del missing["gains"]["reasoning"]
+    with pytest.raises(ValueError, match=r"gains are missing the key\(s\) \['reasoning'\]"):
+        HeadProfile.from_dict(missing)
+    both = json.loads(json.dumps(data))
+    both["heads"]["reasoning"].append([0, 1])
+    with pytest.raises(ValueError, match=r"heads \[\(0, 1\)\] are listed as both perception and"):
+        HeadProfile.from_dict(both)
+    with pytest.raises(ValueError, match="listed as both"):
+        make_profile(model, {"perception": [(1, 3)], "reasoning": [(1, 3)]})
+    bad = json.loads(json.dumps(data))
+    bad["heads"]["perception"] = [[0, "x"]]
+    with pytest.raises(
+        ValueError, match=r"heads\['perception'\] must be a list of \[layer, head\]"
+    ):
+        HeadProfile.from_dict(bad)
+
+
+@pytest.mark.parametrize("key", ["l_perc", "l_reas", "tau_perc", "g_reas"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_selection_config_rejects_non_finite(key: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"selection.{key} must be a finite number"):
+        HeadSelectionConfig(**{key: value})

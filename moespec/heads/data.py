@@ -177,29 +177,58 @@ class PromptEncoder:
         return f"{bos}{user_text}"
 
     def encode(self, example: Example, with_span: bool = False) -> dict[str, Any]:
-        """Model inputs (batch of 1); ``with_span`` adds the token span of the text context."""
+        """Model inputs (batch of 1); ``with_span`` adds the token span of the text context.
+
+        The token ids are the same with and without ``with_span``: the rendered prompt is
+        tokenized once, and the span is made of the tokens whose character offsets overlap the
+        context (this needs a fast tokenizer, which reports offsets).
+        """
         if example.image is not None:
             return self._encode_image(example)
         user_text = example.prompt_text()
+        rendered = self._render_text(user_text)
         if not with_span:
-            rendered = self._render_text(user_text)
             return dict(self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False))
+        chars = self._context_chars(example, user_text, rendered)
+        encoded = self.tokenizer(
+            rendered, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True
+        )
+        offsets = encoded.pop("offset_mapping", None)
+        if offsets is None:
+            raise ValueError(
+                f"{type(self.tokenizer).__name__} gives no character offsets "
+                "(return_offsets_mapping), so the context span cannot be mapped to tokens; "
+                "use a fast tokenizer (tokenizer.json, use_fast=True)"
+            )
+        inside = [
+            i
+            for i, (a, b) in enumerate(offsets[0].tolist())
+            if b > a and a < chars[1] and b > chars[0]
+        ]
+        if not inside:
+            raise ExampleError(f"{example.source}: the context span is empty after tokenization")
+        return {**dict(encoded), "span": (inside[0], inside[-1] + 1)}
+
+    def _context_chars(self, example: Example, user_text: str, rendered: str) -> tuple[int, int]:
+        """Character span of the text context inside the rendered prompt."""
         assert example.text is not None or example.question
         context = example.text if example.text is not None else example.question
         start, end = example.span or (0, len(context))
         marked = context[:start] + _OPEN + context[start:end] + _CLOSE + context[end:]
-        rendered = self._render_text(user_text.replace(context, marked, 1))
-        before, rest = rendered.split(_OPEN, 1)
-        inside, after = rest.split(_CLOSE, 1)
-        pieces = [
-            self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            for p in (before, inside, after)
-        ]
-        if not pieces[1]:
-            raise ExampleError(f"{example.source}: the context span is empty after tokenization")
-        ids = torch.tensor([pieces[0] + pieces[1] + pieces[2]])
-        span = (len(pieces[0]), len(pieces[0]) + len(pieces[1]))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "span": span}
+        with_marks = self._render_text(user_text.replace(context, marked, 1))
+        first = with_marks.find(_OPEN)
+        last = with_marks.find(_CLOSE) - len(_OPEN)
+        if with_marks.replace(_OPEN, "").replace(_CLOSE, "") == rendered and 0 <= first < last:
+            return first, last
+        # the chat template changed the text around the marks: find the context text itself
+        piece = context[start:end]
+        found = rendered.find(piece)
+        if found < 0 or rendered.find(piece, found + 1) >= 0:
+            raise ExampleError(
+                f"{example.source}: cannot locate the context span {piece[:40]!r} in the rendered "
+                "prompt (the chat template changes it); set prompt.chat_template=false"
+            )
+        return found, found + len(piece)
 
     def _encode_image(self, example: Example) -> dict[str, Any]:
         from PIL import Image

@@ -59,32 +59,67 @@ def _text_config(model: nn.Module) -> Any:
     return config
 
 
-def _context_mask(
-    input_ids: torch.Tensor, span: Span | None, image_token_id: int | None, index: int
-) -> torch.Tensor:
-    """Boolean [batch, seq] mask of the context positions (image tokens or the span)."""
-    if span is not None:
+def _attended(batch: Mapping[str, Any], input_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, seq] mask of the real (not padding) tokens, from ``attention_mask``."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    mask = mask.to(input_ids.device).bool()
+    return mask.unsqueeze(0) if mask.dim() == 1 else mask
+
+
+def _span_mask(attended: torch.Tensor, span: Span, index: int) -> torch.Tensor:
+    """Mask of the span in each row, counted from the row's first attended token.
+
+    Under left padding, position 0 is the first real token of the row, as in the row alone;
+    negative positions count from the row's end. A span reaching unattended positions raises.
+    """
+    mask = torch.zeros_like(attended)
+    for row in range(attended.shape[0]):
+        real = attended[row].nonzero().flatten().tolist()
+        where = f" of row {row}" if attended.shape[0] > 1 else ""
+        if not real:
+            raise ValueError(f"input {index}: row {row} has no attended tokens (attention_mask)")
+        first, length = real[0], real[-1] - real[0] + 1
         start, end = (int(s) for s in span)
-        seq = input_ids.shape[-1]
-        start, end = (start + seq if start < 0 else start), (end + seq if end < 0 else end)
-        if not 0 <= start < end <= seq:
+        start, end = (start + length if start < 0 else start), (end + length if end < 0 else end)
+        if not 0 <= start < end <= length:
             raise ValueError(
                 f"input {index}: span {tuple(span)} is empty or outside the sequence of "
-                f"{seq} tokens; valid: 0 <= start < end <= {seq}"
+                f"{length} tokens{where}; valid: 0 <= start < end <= {length}, counted from "
+                "the first attended token"
             )
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        mask[..., start:end] = True
-        return mask
+        if not bool(attended[row, first + start : first + end].all()):
+            raise ValueError(
+                f"input {index}: span {tuple(span)}{where} covers positions that "
+                "attention_mask marks as padding; give the span of each row separately"
+            )
+        mask[row, first + start : first + end] = True
+    return mask
+
+
+def _context_mask(
+    input_ids: torch.Tensor,
+    attended: torch.Tensor,
+    span: Span | None,
+    image_token_id: int | None,
+    index: int,
+) -> torch.Tensor:
+    """Boolean [batch, seq] mask of the attended context positions (image tokens or the span)."""
+    if span is not None:
+        return _span_mask(attended, span, index)
     if image_token_id is None:
         raise ValueError(
             "the model config has no image_token_id; pass image_token_id= or span=(start, end)"
         )
-    mask = input_ids == image_token_id
+    # padding never counts, also when the pad id equals the image token id
+    mask = (input_ids == image_token_id) & attended
     empty = (~mask.any(dim=-1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
-            f"input {index}: row(s) {empty} have no image tokens (image_token_id={image_token_id}); "
-            "pass inputs made by the model's processor with an image, or a span=(start, end)"
+            f"input {index}: row(s) {empty} have no image tokens (image_token_id={image_token_id}) "
+            "among the attended positions; pass inputs made by the model's processor with an "
+            "image, or a span=(start, end)"
         )
     return mask
 
@@ -110,6 +145,9 @@ def score_heads(
 
     Returns a float32 tensor [num_layers, num_heads] averaged over all rows of ``inputs_iter``
     (dicts of model inputs, or input_ids tensors; a dict may carry its own ``"span"``).
+    Padded batches score like their rows alone: positions that ``attention_mask`` marks as
+    padding never count as context, the query is each row's last attended token, and a span is
+    counted from each row's first attended token (so left padding needs no shifted span).
     """
     outputs = find_attention_output_projections(model)
     attn_modules = [model.get_submodule(o.name.rsplit(".", 1)[0]) for o in outputs]
@@ -147,7 +185,8 @@ def score_heads(
             input_ids = batch["input_ids"]
             if input_ids.dim() == 1:
                 input_ids = batch["input_ids"] = input_ids.unsqueeze(0)
-            mask = _context_mask(input_ids, item_span, image_token_id, index)
+            attended = _attended(batch, input_ids)
+            mask = _context_mask(input_ids, attended, item_span, image_token_id, index)
             state.update(mask=mask.float(), last=_last_positions(batch, input_ids), mass={})
             if "logits_to_keep" in forward_params:
                 batch.setdefault("logits_to_keep", 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ class HeadSelectionConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"selection.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"selection.{f.name} must be a finite number, got {value!r}")
             if kind is int and value != int(value):
                 raise ValueError(f"selection.{f.name} must be a whole layer index, got {value!r}")
             setattr(self, f.name, kind(value))
@@ -76,6 +79,10 @@ class HeadProfile:
     thresholds: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_gains(self.gains, "head profile")
+        _check_heads(self.heads, (int(self.num_layers), int(self.num_heads)), "head profile")
 
     def gain_matrix(self) -> torch.Tensor:
         """Float32 [num_layers, num_heads] gains, 1.0 for heads that are not selected."""
@@ -126,18 +133,19 @@ class HeadProfile:
         shape = (int(data["num_layers"]), int(data["num_heads"]))
         if tuple(scores.shape) != shape:
             raise ValueError(f"{source}: scores have shape {tuple(scores.shape)}, expected {shape}")
-        heads = {c: [(int(x), int(h)) for x, h in data["heads"].get(c, [])] for c in CLASSES}
-        for name, hs in heads.items():
-            bad = [h for h in hs if not (0 <= h[0] < shape[0] and 0 <= h[1] < shape[1])]
-            if bad:
-                raise ValueError(f"{source}: {name} heads {bad} are outside {shape[0]}x{shape[1]}")
+        heads = _parse_heads(data["heads"], source)
+        _check_heads(heads, shape, source)
+        gains = data["gains"]
+        if not isinstance(gains, dict):
+            raise ValueError(f"{source}: 'gains' must be a mapping of {list(CLASSES)} to numbers")
+        _check_gains(gains, source)
         return cls(
             model_type=str(data["model_type"]),
             num_layers=shape[0],
             num_heads=shape[1],
             scores=scores,
             heads=heads,
-            gains={c: float(data["gains"][c]) for c in CLASSES},
+            gains={c: float(gains[c]) for c in CLASSES},
             thresholds=dict(data["thresholds"]),
             metadata=dict(data.get("metadata", {})),
         )
@@ -153,6 +161,70 @@ class HeadProfile:
         except json.JSONDecodeError as err:
             raise ValueError(f"head profile {path} is not valid JSON: {err}") from err
         return cls.from_dict(data, source=str(path))
+
+
+def _check_gains(gains: dict[str, Any], source: str) -> None:
+    """Raise ValueError unless ``gains`` maps exactly the head classes to finite numbers >= 1."""
+    missing = [c for c in CLASSES if c not in gains]
+    if missing:
+        raise ValueError(
+            f"{source}: gains are missing the key(s) {missing}; needed: {list(CLASSES)}"
+        )
+    unknown = sorted(set(gains) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"{source}: unknown gain classes {unknown}; valid: {list(CLASSES)}")
+    for cls in CLASSES:
+        value = gains[cls]
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < 1.0:
+            raise ValueError(
+                f"{source}: gains[{cls!r}]={value!r} must be a finite number >= 1.0 "
+                "(gains only amplify)"
+            )
+
+
+def _parse_heads(data: Any, source: str) -> dict[str, list[Head]]:
+    """``{"perception": [[layer, head], ...], ...}`` as lists of int pairs; a missing class is []."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: 'heads' must be a mapping of {list(CLASSES)} to lists")
+    unknown = sorted(set(data) - set(CLASSES))
+    if unknown:
+        raise ValueError(f"{source}: unknown head classes {unknown}; valid: {list(CLASSES)}")
+    heads = {}
+    for cls in CLASSES:
+        pairs = data.get(cls, [])
+        ok = isinstance(pairs, list) and all(
+            isinstance(p, list | tuple)
+            and len(p) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+            for p in pairs
+        )
+        if not ok:
+            raise ValueError(f"{source}: heads[{cls!r}] must be a list of [layer, head] integers")
+        heads[cls] = [(int(x), int(h)) for x, h in pairs]
+    return heads
+
+
+def _check_heads(heads: dict[str, list[Head]], shape: tuple[int, int], source: str) -> None:
+    """Raise ValueError for heads outside the grid or listed in both classes."""
+    for name, hs in heads.items():
+        bad = [tuple(h) for h in hs if not (0 <= h[0] < shape[0] and 0 <= h[1] < shape[1])]
+        if bad:
+            raise ValueError(f"{source}: {name} heads {bad} are outside {shape[0]}x{shape[1]}")
+    both = sorted(
+        {tuple(h) for h in heads.get(CLASSES[0], [])}
+        & {tuple(h) for h in heads.get(CLASSES[1], [])}
+    )
+    if both:
+        raise ValueError(
+            f"{source}: heads {both} are listed as both perception and reasoning; "
+            "a head may belong to one class only"
+        )
+
+
+def cap_limit(max_fraction: float, num_heads: int) -> int:
+    """``floor(max_fraction * num_heads)`` in exact decimal arithmetic (0.29 * 100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(max_fraction))) * num_heads)
 
 
 def _cap(
@@ -194,7 +266,7 @@ def select_heads(
         "reasoning": [tuple(x) for x in reas.nonzero().tolist()],
     }
     if config.max_fraction is not None:
-        heads = _cap(heads, scores, math.floor(config.max_fraction * scores.numel()))
+        heads = _cap(heads, scores, cap_limit(config.max_fraction, scores.numel()))
     return HeadProfile(
         model_type=model_type,
         num_layers=scores.shape[0],
