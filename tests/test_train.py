@@ -216,3 +216,21 @@ def test_check_only_composes_and_validates(run_train, tmp_path, args, code, need
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], out
     assert not (tmp_path / "never").exists()
+
+
+def test_metrics_log_drops_a_half_written_line(tmp_path):
+    """A run killed mid-append leaves half a line; the resumed run's log stays valid JSONL."""
+    from types import SimpleNamespace
+
+    from moespec.train.compare import load_run
+    from moespec.train.logging import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "tra')
+    logger = MetricsLogger(tmp_path, SimpleNamespace(enabled=False), {}, "run", True, resume=True)
+    logger.log(3, {"train/loss": 1.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"step": 1, "train/loss": 2.0},
+        {"step": 3, "train/loss": 1.5},
+    ]
+    assert load_run(tmp_path).series("train/loss") == ([1, 3], [2.0, 1.5])

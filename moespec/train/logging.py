@@ -69,6 +69,7 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
         if wandb_cfg.enabled:
             self._init_wandb(wandb_cfg, config, run_name, resume)
 
@@ -97,6 +98,16 @@ class MetricsLogger:
         if run_id is None and self.wandb is not None:
             id_file.write_text(self.wandb.id + "\n")
         log.info("wandb run %s (%s) in %s", self.wandb.name, mode, self.wandb_dir)
+
+    def _drop_partial_line(self) -> None:
+        """A run killed while appending leaves half a line; cut it before appending more."""
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+            log.warning("dropped the half-written last line of %s", self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append ``metrics`` for ``step``."""

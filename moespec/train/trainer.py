@@ -32,7 +32,7 @@ from ..routing import (
 )
 from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
-from .compare import load_run
+from .compare import CompareError, load_run
 from .config import TrainConfig
 from .data import DataBundle, batch_iterator, build_data, validate_data_config
 from .launch import free_port
@@ -362,8 +362,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
     device = _device()
     # A resumed run's summary starts from what the run logged before (e.g. its last eval).
-    resumed = resume_from is not None and (run_dir / "metrics.jsonl").is_file()
-    last: dict[str, float] = load_run(run_dir).summary if resumed else {}
+    last: dict[str, float] = {}
+    if resume_from is not None and rank == 0 and (run_dir / "metrics.jsonl").is_file():
+        try:
+            last = load_run(run_dir).summary
+        except CompareError as err:
+            log.warning("the summary starts afresh: %s", err)
     last_weights = routers[0].loss_weights.as_dict() if routers else {}
     t0, tokens_seen = time.perf_counter(), 0
     for step in range(start_step + 1, total + 1):
