@@ -16,6 +16,7 @@ from moespec.routing import (
     collect_routing_stats,
     restore_loss_weights,
     set_token_context,
+    step_score_biases,
 )
 from moespec.routing import (
     losses as L,
@@ -278,3 +279,22 @@ def test_bad_grouping_names_field():
         Router(8, RouterConfig(num_experts=8, num_groups=2, topk_groups=3))
     with pytest.raises(ValueError, match="top_k"):
         Router(8, RouterConfig(num_experts=8, top_k=3, num_groups=4, topk_groups=1))
+
+
+def test_deferred_score_bias_moves_once_per_step():
+    """With gradient accumulation the bias moves once, by the sign of the summed counts."""
+    cfg = RouterConfig(num_experts=4, top_k=1, score_bias=True, bias_update_rate=0.1)
+    r = Router(8, cfg)
+    r.train()
+    r.defer_bias_update = True
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)]
+    counts = torch.zeros(4)
+    for x in batches:
+        idx = r(x).idx
+        counts += torch.bincount(idx.reshape(-1), minlength=4).float()
+        assert torch.equal(r.score_correction_bias, torch.zeros(4))  # nothing moves yet
+    step_score_biases(r)
+    torch.testing.assert_close(r.score_correction_bias, 0.1 * (counts.mean() - counts).sign())
+    step_score_biases(r)  # nothing pending: no second move
+    torch.testing.assert_close(r.score_correction_bias, 0.1 * (counts.mean() - counts).sign())

@@ -23,6 +23,7 @@ from .router import (
     iter_routers,
     restore_loss_weights,
     set_token_context,
+    step_score_biases,
 )
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "metrics",
     "restore_loss_weights",
     "set_token_context",
+    "step_score_biases",
     "validate_loss_config",
     "validate_router_config",
 ]

@@ -119,6 +119,8 @@ class Router(nn.Module):
         self.token_context: TokenContext | None = None
         self.track_stats = True
         self.raw_losses: dict[str, torch.Tensor] = {}
+        self.defer_bias_update = False  # True: score-bias updates wait for step_score_bias()
+        self._pending_counts: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ routing
     def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,10 +204,29 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def _update_score_bias(self, idx: torch.Tensor) -> None:
-        """Aux-loss-free balancing: push the bias of overloaded experts down, underloaded up."""
+        """Aux-loss-free balancing: push the bias of overloaded experts down, underloaded up.
+
+        Applied at once, or, with ``defer_bias_update``, summed until :meth:`step_score_bias`
+        (once per optimizer step, as DeepSeek-V3 does, whatever the gradient accumulation).
+        """
         if self.config.bias_update_rate == 0:
             return
         counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).float()
+        if self.defer_bias_update:
+            pending = self._pending_counts
+            self._pending_counts = counts if pending is None else pending + counts
+            return
+        self._apply_score_bias(counts)
+
+    @torch.no_grad()
+    def step_score_bias(self) -> None:
+        """Apply the deferred bias update for the expert counts since the last call."""
+        if self._pending_counts is None:
+            return
+        counts, self._pending_counts = self._pending_counts, None
+        self._apply_score_bias(counts)
+
+    def _apply_score_bias(self, counts: torch.Tensor) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
         err = counts.mean() - counts
@@ -265,6 +286,12 @@ def iter_routers(model: nn.Module) -> list[Router]:
         if isinstance(attached, Router):
             out.append(attached)
     return out
+
+
+def step_score_biases(model: nn.Module) -> None:
+    """After an optimizer step: apply every router's deferred score-bias update."""
+    for r in iter_routers(model):
+        r.step_score_bias()
 
 
 def set_token_context(model: nn.Module, context: TokenContext | None) -> None:

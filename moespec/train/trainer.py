@@ -29,6 +29,7 @@ from ..routing import (
     iter_routers,
     restore_loss_weights,
     set_token_context,
+    step_score_biases,
 )
 from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
@@ -308,6 +309,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, ckpt_root)
     routers = iter_routers(model)
+    for r in routers:  # the score-correction bias moves once per optimizer step
+        r.defer_bias_update = True
     monitor = CollapseMonitor(patience=cfg.trainer.collapse_patience)
     acc = np.zeros(6)  # lm, total, aux, orth, var, count: sums over the logging window
     start_step, sampler_state = 0, None
@@ -410,6 +413,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
             tokens_seen += b * s
             last_layers = routed.per_layer
             last_weights = routed.weights
+        step_score_biases(model)
         if bar is not None:
             bar.update(1)
 
