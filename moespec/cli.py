@@ -85,7 +85,7 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None
         if sweep:
             overrides = _first_of_each_sweep(overrides)
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            compose(config_name=config_name, overrides=overrides)
+            cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         cause = err.__cause__ or err.__context__
         new = (
@@ -93,3 +93,26 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None
         )
         detail = one_line(str(cause)) if new else ""
         fail(f"{one_line(str(err))} {detail} {_valid_keys_hint(err)}".strip())
+    _check_added_keys(cfg, overrides)
+
+
+def _check_added_keys(cfg: object, overrides: list[str]) -> None:
+    """``+key=value`` adds a key anywhere; under a typed (dataclass) node it must be a field."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    for text in overrides:
+        if not text.startswith("+"):
+            continue
+        key = text.lstrip("+").split("=", 1)[0]
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        kind = OmegaConf.get_type(node) if OmegaConf.is_config(node) else None
+        if kind is not None and dataclasses.is_dataclass(kind):
+            valid = [f.name for f in dataclasses.fields(kind)]
+            if leaf not in valid:
+                fail(
+                    f"Could not add '{key}': '{leaf}' is not a field of '{kind.__name__}' "
+                    f"(valid keys: {', '.join(valid)})"
+                )

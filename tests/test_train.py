@@ -206,6 +206,8 @@ def test_resume_from_an_older_step_sets_newer_checkpoints_aside(tmp_path):
         (["experiment=smoke", "moe.top_k=99"], 2, "moe.top_k=99 with moe.num_experts=4"),
         (["data=jsonl"], 2, "data.source is empty"),
         (["moe.topk=2"], 2, "(valid keys: backend, num_experts, top_k"),
+        (["+moe.topk=2"], 2, "'topk' is not a field of 'MoEConfig' (valid keys: backend"),
+        (["experiment=smoke", "+deepspeed.extra.wall_clock_breakdown=true"], 0, "ok:"),
         (["experiment=smoke", "--cfg", "job"], 2, "--check takes overrides only"),
     ],
 )
