@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 #: Hydra flags under which the overrides are still checked before the run (a sweep is checked
 #: with the first value of each swept key).
@@ -67,13 +67,14 @@ def _valid_keys_hint(error: BaseException) -> str:
     return f"(valid keys: {', '.join(keys)})" if keys else ""
 
 
-def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None:
+def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> Any:
     """Compose the config once with the command line's overrides; exit 2 on a bad one.
 
-    Left to Hydra: ``--help``, ``--cfg`` and the other flags, and ``hydra.*`` overrides.
+    Returns the composed config (``None`` where the check was left to Hydra: ``--help``,
+    ``--cfg`` and the other flags; ``hydra.*`` overrides are left out of it).
     """
     if any(a.startswith("-") and a not in _CHECKED_FLAGS for a in argv):
-        return
+        return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -94,6 +95,7 @@ def check_overrides(argv: list[str], config_dir: Path, config_name: str) -> None
         detail = one_line(str(cause)) if new else ""
         fail(f"{one_line(str(err))} {detail} {_valid_keys_hint(err)}".strip())
     _check_added_keys(cfg, overrides)
+    return cfg
 
 
 def _check_added_keys(cfg: object, overrides: list[str]) -> None:

@@ -110,14 +110,10 @@ def check_recipe(overrides: list[str]) -> None:
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
         fail(f"--check takes overrides only, not {' '.join(flags)}")
-    check_overrides(overrides, recipes_dir(), "train")
-    from hydra import compose, initialize_config_dir
-
+    cfg = check_overrides(overrides, recipes_dir(), "train")
     from .config import TrainConfig
     from .trainer import TrainingError, validate_recipe
 
-    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-        cfg = compose(config_name="train", overrides=overrides)
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         validate_recipe(typed)
