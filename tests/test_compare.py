@@ -161,3 +161,16 @@ def test_odd_run_directories(tmp_path, capsys):
     assert main([str(alerts_only), "--no-plot"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "summary.json: not JSON" in err[0]
+
+
+def test_launch_overrides_do_not_label_and_printed_ties_have_no_winner(tmp_path):
+    def run(name: str, *overrides: str, **summary: float) -> Run:
+        return Run(path=tmp_path / name, overrides=list(overrides), summary=summary)
+
+    a = run("a", "x=1", "trainer.stop_after=5", "trainer.resume=auto", **{"val/loss": 6.86068})
+    b = run("b", "x=2", **{"val/loss": 6.86059})
+    assert run_labels([a, b]) == ["x=1", "x=2"]
+    cells = _table_cells(markdown_table([a, b]))
+    assert cells["validation loss"] == ["6.861", "6.861"]  # equal as printed: neither bold
+    b.summary["val/loss"] = 6.5
+    assert _table_cells(markdown_table([a, b]))["validation loss"] == ["6.861", "**6.5**"]

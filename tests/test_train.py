@@ -236,3 +236,21 @@ def test_metrics_log_drops_a_half_written_line(tmp_path):
         {"step": 3, "train/loss": 1.5},
     ]
     assert load_run(tmp_path).series("train/loss") == ([1, 3], [2.0, 1.5])
+
+
+def test_metrics_rewind_keeps_one_history(tmp_path):
+    """Resuming at step 8 after the log reached step 12: later rows move aside, none is lost."""
+    from types import SimpleNamespace
+
+    from moespec.train.logging import MetricsLogger
+
+    rows = [{"step": s, "train/loss": 10.0 - s} for s in (4, 8, 12)] + [{"step": 12, "alert": "x"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logger = MetricsLogger(tmp_path, SimpleNamespace(enabled=False), {}, "run", True, resume=True)
+    assert logger.rewind(8) == 2
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aside = [
+        json.loads(x) for x in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    ]
+    assert kept == rows[:2] and aside == rows[2:]
+    assert logger.rewind(8) == 0

@@ -36,6 +36,8 @@ def _required(cfg: DictConfig, key: str) -> str:
     value = OmegaConf.select(cfg, key)
     if value in (None, ""):
         raise ValueError(f"{key} is required for command={cfg.command}")
+    if key.startswith("data.") and not Path(str(value)).expanduser().is_file():
+        raise FileNotFoundError(f"{key}: JSONL file {value} does not exist")
     return str(value)
 
 
@@ -105,7 +107,13 @@ def identify(cfg: DictConfig) -> dict[str, Any]:
 def _profile_and_mode(cfg: DictConfig) -> tuple[HeadProfile, str]:
     if cfg.controller.mode not in MODES:
         raise ValueError(f"controller.mode={cfg.controller.mode!r}; valid: {', '.join(MODES)}")
-    return HeadProfile.load(cfg.controller.profile), cfg.controller.mode
+    path = Path(str(cfg.controller.profile)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"controller.profile: head profile {cfg.controller.profile} does not exist "
+            "(command=identify writes one)"
+        )
+    return HeadProfile.load(path), cfg.controller.mode
 
 
 def apply(cfg: DictConfig) -> dict[str, Any]:

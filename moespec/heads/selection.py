@@ -47,7 +47,9 @@ class HeadSelectionConfig:
             setattr(self, f.name, kind(value))
         for key in ("g_perc", "g_reas"):
             if not float(getattr(self, key)) >= 1.0:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1.0 (gains only amplify)")
+                raise ValueError(
+                    f"selection.{key}={getattr(self, key)} must be >= 1.0 (gains only amplify)"
+                )
         if not self.tau_reas < self.tau_perc:
             raise ValueError(
                 f"tau_reas={self.tau_reas} must be below tau_perc={self.tau_perc} "

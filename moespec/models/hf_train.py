@@ -95,6 +95,12 @@ def check_model_source(cfg: Any) -> None:
             f"model.name_or_path={name!r} is not a directory; expected a save_pretrained "
             f"directory or '{SMOLLM2}' (for random weights from a config.json: model.config=PATH)"
         )
+    local = name is not None and not _is_smollm2(cfg)
+    if local and not (resolve_model_path(name) / "config.json").is_file():
+        raise ValueError(
+            f"model.name_or_path={name!r} holds no config.json; expected a directory "
+            "written by save_pretrained"
+        )
     if config is not None and not resolve_model_path(config).exists():
         raise ValueError(f"model.config={config!r} does not exist (a config.json or its directory)")
 

@@ -70,21 +70,18 @@ class LossWeights(nn.Module):
 
         Fixed weights are reset to the config (a resumed run may change them); an auto weight
         that the loaded state left uncalibrated takes its value from ``calibrated`` (the trainer
-        state's record). Returns ``{name: (loaded, now)}`` for every weight that changed.
+        state's record). Returns ``{name: (loaded, now)}`` for every fixed weight that changed.
         """
         changed = {}
         for name, value in self.configured.items():
             buf = getattr(self, name)
             loaded = float(buf)
             if name in ("beta", "gamma") and getattr(self, f"auto_{name}"):
-                value = loaded
-                if (
-                    math.isnan(loaded)
-                    and calibrated
-                    and math.isfinite(calibrated.get(name, math.nan))
-                ):
-                    value = float(calibrated[name])
-            if not (value == loaded or (math.isnan(value) and math.isnan(loaded))):
+                record = (calibrated or {}).get(name, math.nan)
+                if math.isnan(loaded) and math.isfinite(record):
+                    buf.fill_(float(record))  # restored, not changed
+                continue
+            if value != loaded:
                 buf.fill_(value)
                 changed[name] = (loaded, value)
         return changed

@@ -134,8 +134,14 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 
 def run_labels(runs: list[Run]) -> list[str]:
-    """Label each run by the overrides that differ between the runs, else by its directory."""
-    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in r.overrides) for r in runs]
+    """Label each run by the overrides that differ between the runs, else by its directory.
+
+    Overrides that only say how a run was launched (resume, stop_after, hydra.*) do not count.
+    """
+    parsed = [
+        dict(o.split("=", 1) if "=" in o else (o, "") for o in r.overrides if _describes_run(o))
+        for r in runs
+    ]
     keys = sorted({k for p in parsed for k in p})
     differing = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
     labels = [
@@ -145,6 +151,13 @@ def run_labels(runs: list[Run]) -> list[str]:
     if len(set(labels)) < len(labels):  # same overrides (e.g. two seeds of one recipe)
         labels = [f"{label} ({r.path.name})" for label, r in zip(labels, runs)]
     return labels
+
+
+_LAUNCH_KEYS = ("trainer.resume", "trainer.stop_after", "trainer.progress", "hydra.")
+
+
+def _describes_run(override: str) -> bool:
+    return not override.lstrip("+~").startswith(_LAUNCH_KEYS)
 
 
 def _fmt(value: float | None) -> str:
@@ -180,9 +193,9 @@ def markdown_table(runs: list[Run], labels: list[str] | None = None) -> str:
         values = [r.summary.get(key) for r in runs]
         finite = [v for v in values if v is not None and math.isfinite(v)]
         best = None
-        if better and len(finite) > 1 and len(set(finite)) > 1:
-            best = min(finite) if better == "lower" else max(finite)
-        cells = [f"**{_fmt(v)}**" if v is not None and v == best else _fmt(v) for v in values]
+        if better and len({_fmt(v) for v in finite}) > 1:  # a tie as printed has no winner
+            best = _fmt(min(finite) if better == "lower" else max(finite))
+        cells = [f"**{_fmt(v)}**" if _fmt(v) == best else _fmt(v) for v in values]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any(r.alerts for r in runs):
         lines.append("| routing alarms | " + " | ".join(str(len(r.alerts)) for r in runs) + " |")
@@ -228,29 +241,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     labels = run_labels(runs)
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {"run": str(r.path), "label": lab, "steps": r.last_step, **r.summary}
-                    for r, lab in zip(runs, labels)
-                ],
-                indent=2,
-            )
-        )
-    else:
-        print(markdown_table(runs, labels))
-    if not args.no_plot:
+    note = ""
+    if not args.no_plot:  # the figure first: a closed pipe on stdout must not cost it
         target = args.plot or _default_plot_path(args.paths, runs)
         try:
             plot_curves(runs, labels, target)
+            note = f"\ncurves: {target}"
         except OSError as err:
             print(f"error: cannot write the plot to {target}: {err.strerror}", file=sys.stderr)
             return 2
         except ValueError as err:  # nothing logged yet: the table is all there is
             print(f"\nno curves: {err}", file=sys.stderr)
-            return 0
-        print(f"\ncurves: {target}", file=sys.stderr if args.json else sys.stdout)
+    try:
+        if args.json:
+            rows = [
+                {"run": str(r.path), "label": lab, "steps": r.last_step, **r.summary}
+                for r, lab in zip(runs, labels)
+            ]
+            print(json.dumps(rows, indent=2))
+        else:
+            print(markdown_table(runs, labels))
+        if note:
+            print(note, file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `moespec-compare ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -385,6 +385,10 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.max_chars_per_domain must be > 0, got {cfg.max_chars_per_domain}")
     if cfg.source != "embedded":
         resolve_sources(cfg.source)  # every file or directory must exist
+    if cfg.tokenizer != "bpe" and not Path(cfg.tokenizer).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"data.tokenizer={cfg.tokenizer!r}: tokenizer directory not found (or use bpe)"
+        )
 
 
 def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:

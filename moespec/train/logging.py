@@ -109,6 +109,23 @@ class MetricsLogger:
                 fh.truncate(data.rfind(b"\n") + 1)
             log.warning("dropped the half-written last line of %s", self.path)
 
+    def rewind(self, step: int) -> int:
+        """Resuming at ``step``: rows logged after it (by a continuation that was abandoned)
+        move to ``metrics.superseded.jsonl``, so ``metrics.jsonl`` holds one history. Returns
+        how many rows moved."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        keep, moved = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            (moved if json.loads(line).get("step", 0) > step else keep).append(line)
+        if moved:
+            from .checkpoint import atomic_write_text
+
+            with (self.run_dir / "metrics.superseded.jsonl").open("a") as fh:
+                fh.writelines(moved)
+            atomic_write_text(self.path, "".join(keep))
+        return len(moved)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append ``metrics`` for ``step``."""
         if not self.enabled:

@@ -30,6 +30,7 @@ from ..routing import (
     restore_loss_weights,
     set_token_context,
     step_score_biases,
+    validate_loss_config,
 )
 from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
@@ -84,7 +85,11 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 def validate_recipe(cfg: TrainConfig) -> None:
     """Every check that needs no data, model weights or processes: bad input fails at once."""
     cfg.moe.validate()
+    validate_loss_config(cfg.loss)
+    cfg.optim.validate()
     cfg.trainer.validate()
+    if cfg.trainer.resume not in ("none", "auto", ""):
+        ckpt.resolve_resume(cfg.trainer.resume, Path())  # an explicit checkpoint must exist
     deepspeed_config(cfg)
     validate_data_config(cfg.data)
     if cfg.model.type == "hf":
@@ -357,6 +362,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     logger = MetricsLogger(
         run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0, resume=resume_from is not None
     )
+    if resume_from is not None and (moved := logger.rewind(start_step)):
+        log.warning(
+            "%d metrics rows after step %d moved to metrics.superseded.jsonl", moved, start_step
+        )
     bar = None
     if rank == 0 and cfg.trainer.progress:
         from tqdm.auto import tqdm
