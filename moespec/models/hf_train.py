@@ -90,17 +90,19 @@ def check_model_source(cfg: Any) -> None:
             f"'{SMOLLM2}') and model.config (a config.json, random weights); got "
             f"model.name_or_path={name!r}, model.config={config!r}"
         )
-    if name is not None and not _is_smollm2(cfg) and not resolve_model_path(name).is_dir():
-        raise ValueError(
-            f"model.name_or_path={name!r} is not a directory; expected a save_pretrained "
-            f"directory or '{SMOLLM2}' (for random weights from a config.json: model.config=PATH)"
-        )
-    local = name is not None and not _is_smollm2(cfg)
-    if local and not (resolve_model_path(name) / "config.json").is_file():
-        raise ValueError(
-            f"model.name_or_path={name!r} holds no config.json; expected a directory "
-            "written by save_pretrained"
-        )
+    if name is not None and not _is_smollm2(cfg):
+        path = resolve_model_path(name)
+        if not path.is_dir():
+            raise ValueError(
+                f"model.name_or_path={name!r} is not a directory; expected a save_pretrained "
+                f"directory or '{SMOLLM2}' (for random weights from a config.json: "
+                "model.config=PATH)"
+            )
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model.name_or_path={name!r} holds no config.json; expected a directory "
+                "written by save_pretrained"
+            )
     if config is not None and not resolve_model_path(config).exists():
         raise ValueError(f"model.config={config!r} does not exist (a config.json or its directory)")
 
@@ -109,7 +111,6 @@ def hf_tokenizer_dir(cfg: Any) -> str | None:
     """The tokenizer directory of the recipe's HF model, or ``None`` when it has none."""
     if cfg.model.type != "hf":
         return None
-    check_model_source(cfg)
     if _is_smollm2(cfg):
         return str(_smollm2_tokenizer_dir())
     if cfg.model.name_or_path is None:
