@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..routing import LossConfig, RouterConfig, validate_router_config
+from .backend import backend_builder, backend_names
 
-BACKENDS = ("native", "deepspeed", "megablocks")
+#: The built-in backends (``validate`` also accepts any registered later).
+BACKENDS = backend_names()
 
 
 @dataclass
@@ -40,8 +42,7 @@ class MoEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        if self.backend not in BACKENDS:
-            raise ValueError(f"moe.backend={self.backend!r}; valid: {', '.join(BACKENDS)}")
+        backend_builder(self.backend)  # ValueError naming the registered backends
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:

@@ -1,11 +1,13 @@
-"""DeepSpeed expert-parallel MoE with moespec's router as its gate.
+"""DeepSpeed expert-parallel MoE backend, dispatching the moespec router's choices.
 
-:class:`DeepSpeedMoELayer` is a ``deepspeed.moe.layer.MoE`` (so the DeepSpeed engine finds
-it, builds its expert-parallel groups and reduces expert gradients over the expert-data
-group) whose ``MOELayer`` uses a moespec :class:`~moespec.routing.Router`. After the combine
-all-to-all, each token's raw outputs from its k experts are gathered on its home rank from
-the expert output buffer, by (expert, capacity slot), and handed to the router for the
-orthogonality loss; gradients flow back through DeepSpeed's all-to-all.
+Shapes: S (=T) tokens, E experts, k experts per token, C capacity per expert, M (=H) hidden.
+
+:class:`DeepSpeedExperts` is a ``deepspeed.moe.layer.MoE`` (so the DeepSpeed engine finds
+it, builds its expert-parallel groups, reduces expert gradients over the expert-data group
+and saves this rank's experts under ``deepspeed_moe.experts.deepspeed_experts.*``) whose
+``MOELayer`` dispatches the routes the layer's router chose. After the combine all-to-all,
+each token's raw outputs from its k experts are gathered on its home rank from the expert
+output buffer, by (expert, capacity slot); gradients flow back through DeepSpeed's all-to-all.
 """
 
 from __future__ import annotations
@@ -20,24 +22,26 @@ from deepspeed.utils import groups
 from torch import nn
 
 from ..routing import Router, RouterConfig
+from .backend import ExpertOutput, MoEBackend
 from .config import MoEConfig
+from .layer import run_experts
 from .native import FusedExperts, SwiGLU
 
 # One SwiGLU expert as DeepSpeed's ``Experts`` expects (a module applied to [..., H]); the
-# same module as the native layer's shared expert, with Linear weights gate_up [2I,H], down [H,I].
+# same module as the shared expert, with Linear weights gate_up [2I,H], down [H,I].
 SwiGLUExpert = SwiGLU
 
 
 class MoespecGate(nn.Module):
-    """Adapts a moespec router to the gate protocol of DeepSpeed's ``MOELayer``.
+    """Turns the router's choice into the dispatch plan of DeepSpeed's gate protocol.
 
-    Returns ``(l_aux, capacity, num_experts, indices, locations, gates, exp_counts)`` with
-    per-route tensors laid out [k, S]; routes past the capacity get index -1 (dropped).
+    Returns ``(capacity, num_experts, indices, locations, gates, exp_counts)`` with per-route
+    tensors laid out [k, S]; routes past the capacity get index -1 (dropped).
     """
 
-    def __init__(self, router: Router, capacity_factor: float, drop_tokens: bool) -> None:
+    def __init__(self, num_experts: int, capacity_factor: float, drop_tokens: bool) -> None:
         super().__init__()
-        self.router = router
+        self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.drop_tokens = drop_tokens
         self.ep_group = None
@@ -46,21 +50,18 @@ class MoespecGate(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def forward(
-        self, x: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False
-    ):
-        route = self.router(x)
-        s, k = route.idx.shape
-        e = self.router.num_experts
-        mask = torch.zeros(s, e, dtype=torch.int64, device=x.device).scatter_(1, route.idx, 1)
+    def forward(self, idx: torch.Tensor, weights: torch.Tensor):
+        s, k = idx.shape
+        e = self.num_experts
+        mask = torch.zeros(s, e, dtype=torch.int64, device=idx.device).scatter_(1, idx, 1)
         exp_counts = mask.sum(0)
-        locations = (torch.cumsum(mask, dim=0) - 1).gather(1, route.idx)  # [S,k]
+        locations = (torch.cumsum(mask, dim=0) - 1).gather(1, idx)  # [S,k]
         if self.drop_tokens and self.capacity_factor > 0:
             capacity = max(int(math.ceil(s * k / e * self.capacity_factor)), 1)
         else:
             capacity = int(exp_counts.max()) if s else 1
             if self.ep_group is not None and torch.distributed.get_world_size(self.ep_group) > 1:
-                cap = torch.tensor([capacity], device=x.device)
+                cap = torch.tensor([capacity], device=idx.device)
                 torch.distributed.all_reduce(
                     cap, op=torch.distributed.ReduceOp.MAX, group=self.ep_group
                 )
@@ -68,11 +69,9 @@ class MoespecGate(nn.Module):
             capacity = max(capacity, 1)
         kept = locations < capacity
         self.dropped_routes = int((~kept).sum())
-        indices = torch.where(kept, route.idx, torch.full_like(route.idx, -1))
-        gates = route.weights * kept
-        aux = self.router.raw_losses["aux"]
+        indices = torch.where(kept, idx, torch.full_like(idx, -1))
+        gates = weights * kept
         return (
-            aux,
             torch.tensor(capacity),
             e,
             indices.t().contiguous().to(torch.int32),
@@ -83,9 +82,9 @@ class MoespecGate(nn.Module):
 
 
 class MoespecMOELayer(MOELayer):
-    """DeepSpeed's ``MOELayer`` forward, plus the gather of raw expert outputs per token."""
+    """DeepSpeed's ``MOELayer`` on given routes, plus the gather of raw expert outputs per token."""
 
-    def forward(self, *inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> ExpertOutput:
         if (
             groups.mpu is not None
             and getattr(groups.mpu, "get_tensor_model_parallel_world_size", lambda: 1)() > 1
@@ -93,12 +92,8 @@ class MoespecMOELayer(MOELayer):
             raise NotImplementedError(
                 "moe.backend=deepspeed with tensor parallelism is not supported"
             )
-        x = inputs[0]
-        d_model = x.shape[-1]
-        flat = x.reshape(-1, d_model)
-        self.l_aux, capacity, num_experts, indices, locations, gates, self.exp_counts = self.gate(
-            flat, None, True
-        )
+        d_model = flat.shape[-1]
+        capacity, num_experts, indices, locations, gates, self.exp_counts = self.gate(idx, weights)
         s, c, e = flat.shape[0], int(capacity), num_experts
         slots = torch.where(
             indices >= 0,
@@ -126,78 +121,72 @@ class MoespecMOELayer(MOELayer):
         raw = out_padded.index_select(0, slots.reshape(-1)).view(
             slots.shape[0], s, d_model
         )  # [k,S,M]
-        # Losses and overlap over the tokens that kept all k routes: a dropped route has no
-        # expert output to be orthogonal to (it would enter as a zero vector).
-        per_token = raw.transpose(0, 1)
-        if self.gate.dropped_routes:
-            per_token = per_token[(indices >= 0).all(0)]
-        self.gate.router.record_expert_outputs(per_token)
         combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
-        return combined.reshape(x.shape)
+        # A dropped route has no expert output (it would enter the losses as a zero vector).
+        dropped = ~(indices >= 0).all(0) if self.gate.dropped_routes else None
+        return ExpertOutput(raw=raw.transpose(0, 1), combined=combined, dropped=dropped)
 
 
-class DeepSpeedMoELayer(MoE):
-    """``deepspeed.moe.layer.MoE`` with a moespec router; same interface as the native layer.
+def _template(hidden_size: int, moe: MoEConfig) -> nn.Module:
+    """The expert ``Experts`` copies; its init is overwritten, so it draws from a forked RNG."""
+    with torch.random.fork_rng(devices=[]):
+        return SwiGLUExpert(hidden_size, moe.ffn_size)
 
-    Weights are drawn exactly as the native layer draws them (router, then all E experts),
-    and each rank keeps its own ``E / ep_size`` experts, so a model built from the same seed
-    is the same model for every backend and expert-parallel degree.
+
+class DeepSpeedExperts(MoE, MoEBackend):
+    """The ``deepspeed`` backend: a ``deepspeed.moe.layer.MoE`` holding this rank's experts.
+
+    Weights are drawn exactly as the native backend draws them (all E experts), and each rank
+    keeps its own ``E / ep_size``, so a model built from the same seed is the same model for
+    every backend and expert-parallel degree.
     """
 
-    is_moespec_moe = True
+    # Before the router moved to MoELayer this module was the layer itself (router in its gate).
+    legacy_prefixes = {
+        "deepspeed_moe.gate.router.": "router.",
+        "deepspeed_moe.experts.": "experts.deepspeed_moe.experts.",
+    }
 
-    def __init__(
-        self,
-        hidden_size: int,
-        moe: MoEConfig,
-        router_config: RouterConfig,
-        *,
-        layer_index: int | None = None,
-    ) -> None:
-        router = self._init_parallel(hidden_size, router_config, moe.ep_size, layer_index)
-        e = router_config.num_experts
-        full = FusedExperts(e, hidden_size, moe.ffn_size)  # same RNG draws as the native layer
-        with torch.random.fork_rng(devices=[]):  # the template's init is overwritten below
-            template = SwiGLUExpert(hidden_size, moe.ffn_size)
-        experts = self._init_experts(router, template, moe.capacity_factor, moe.drop_tokens)
-        with torch.no_grad():
-            for i, g in enumerate(self.local_expert_ids()):
-                experts.deepspeed_experts[i].gate_up.weight.copy_(full.gate_up[g].T)
-                experts.deepspeed_experts[i].down.weight.copy_(full.down[g].T)
-        del full
-        self.shared_expert = (
-            SwiGLU(hidden_size, moe.shared_expert_size) if moe.shared_expert_size > 0 else None
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
+        self._init_moe(hidden_size, moe.num_experts, moe.ep_size)
+        full = FusedExperts(moe.num_experts, hidden_size, moe.ffn_size)  # the native draws
+        experts = self._init_dispatch(
+            _template(hidden_size, moe), moe.capacity_factor, moe.drop_tokens
         )
+        self._copy_local_experts(experts, full)
 
-    def _init_parallel(
-        self, hidden_size: int, router_config: RouterConfig, ep_size: int, layer_index: int | None
-    ) -> Router:
-        """Set what DeepSpeed's ``MoE`` and engine read (without ``MoE.__init__``); the router."""
+    def _init_moe(self, hidden_size: int, num_experts: int, ep_size: int) -> None:
+        """Set what DeepSpeed's ``MoE`` and engine read (without ``MoE.__init__``)."""
         nn.Module.__init__(self)
-        e = router_config.num_experts
-        if e % ep_size:
+        if num_experts % ep_size:
             raise ValueError(
-                f"{e} experts per MoE layer are not divisible by moe.ep_size={ep_size}"
+                f"{num_experts} experts per MoE layer are not divisible by moe.ep_size={ep_size}"
             )
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.ep_size = ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = e
-        self.num_local_experts = e // ep_size
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
         self.hidden_size = hidden_size
-        return Router(hidden_size, router_config, layer_index=layer_index)
 
-    def _init_experts(
-        self, router: Router, template: nn.Module, capacity_factor: float, drop_tokens: bool
+    def _init_dispatch(
+        self, template: nn.Module, capacity_factor: float, drop_tokens: bool
     ) -> Experts:
         """This rank's copies of ``template`` and the ``MOELayer`` that routes to them."""
         experts = Experts(template, self.num_local_experts, self.expert_group_name)
-        gate = MoespecGate(router, capacity_factor, drop_tokens)
+        gate = MoespecGate(self.num_experts, capacity_factor, drop_tokens)
         self.deepspeed_moe = MoespecMOELayer(
             gate, experts, self.expert_group_name, self.ep_size, self.num_local_experts
         )
         return experts
+
+    @torch.no_grad()
+    def _copy_local_experts(self, experts: Experts, full: FusedExperts) -> None:
+        """This rank's share of the E experts drawn in ``full``, into ``experts``."""
+        for i, g in enumerate(self.local_expert_ids()):
+            experts.deepspeed_experts[i].gate_up.weight.copy_(full.gate_up[g].T)
+            experts.deepspeed_experts[i].down.weight.copy_(full.down[g].T)
 
     def _ep_rank(self) -> int:
         if self.ep_size == 1:
@@ -212,6 +201,62 @@ class DeepSpeedMoELayer(MoE):
             raise ValueError(f"world size {world} is not divisible by moe.ep_size={self.ep_size}")
         return torch.distributed.get_rank() % self.ep_size
 
+    def ensure_groups(self) -> None:
+        """Create the expert-parallel groups if the DeepSpeed engine has not done so yet."""
+        if self.deepspeed_moe.ep_group is None:
+            self.set_deepspeed_parallelism()
+
+    def forward(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> ExpertOutput:
+        if self.deepspeed_moe.ep_group is None:
+            self.ensure_groups()
+        return self.deepspeed_moe(flat, idx, weights)
+
+    def local_expert_ids(self) -> list[int]:
+        """Global ids of the experts that live on this rank."""
+        start = self._ep_rank() * self.num_local_experts
+        return list(range(start, start + self.num_local_experts))
+
+
+class DeepSpeedMoELayer(DeepSpeedExperts):
+    """A DeepSpeed MoE that owns its router, as Hugging Face expert-parallel blocks use it.
+
+    The router lives under ``deepspeed_moe.gate.router`` (the names those checkpoints hold);
+    moespec's own models use :class:`~moespec.moe.layer.MoELayer` with ``backend="deepspeed"``.
+    """
+
+    is_moespec_moe = True
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe: MoEConfig,
+        router_config: RouterConfig,
+        *,
+        layer_index: int | None = None,
+    ) -> None:
+        if moe.shared_expert_size:
+            raise ValueError("DeepSpeedMoELayer has no shared expert; use MoELayer")
+        router = self._init_parallel(hidden_size, router_config, moe.ep_size, layer_index)
+        full = FusedExperts(router_config.num_experts, hidden_size, moe.ffn_size)
+        template = _template(hidden_size, moe)
+        experts = self._init_experts(router, template, moe.capacity_factor, moe.drop_tokens)
+        self._copy_local_experts(experts, full)
+
+    def _init_parallel(
+        self, hidden_size: int, router_config: RouterConfig, ep_size: int, layer_index: int | None
+    ) -> Router:
+        """Set what DeepSpeed's ``MoE`` and engine read; the router."""
+        self._init_moe(hidden_size, router_config.num_experts, ep_size)
+        return Router(hidden_size, router_config, layer_index=layer_index)
+
+    def _init_experts(
+        self, router: Router, template: nn.Module, capacity_factor: float, drop_tokens: bool
+    ) -> Experts:
+        """This rank's copies of ``template``, the ``MOELayer`` and ``router`` in its gate."""
+        experts = self._init_dispatch(template, capacity_factor, drop_tokens)
+        self.deepspeed_moe.gate.router = router
+        return experts
+
     @property
     def router(self) -> Router:
         return self.deepspeed_moe.gate.router
@@ -220,22 +265,8 @@ class DeepSpeedMoELayer(MoE):
     def top_k(self) -> int:
         return self.router.top_k
 
-    def ensure_groups(self) -> None:
-        """Create the expert-parallel groups if the DeepSpeed engine has not done so yet."""
-        if self.deepspeed_moe.ep_group is None:
-            self.set_deepspeed_parallelism()
-
     def forward(
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.deepspeed_moe.ep_group is None:
-            self.ensure_groups()
-        out = self.deepspeed_moe(hidden_states)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(hidden_states)
-        return out
-
-    def local_expert_ids(self) -> list[int]:
-        """Global ids of the experts that live on this rank."""
-        start = self._ep_rank() * self.num_local_experts
-        return list(range(start, start + self.num_local_experts))
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return run_experts(self.router, super().forward, flat).view(hidden_states.shape)

@@ -1,4 +1,6 @@
-"""MegaBlocks dropless MoE experts driven by the moespec router (CUDA only).
+"""MegaBlocks dropless MoE backend (CUDA only).
+
+Shapes: T tokens, E experts, k experts per token, H hidden size, I expert FFN size.
 
 Tokens are permuted with MegaBlocks' sort/histogram/gather kernels, run through MegaBlocks'
 grouped SwiGLU experts (``megablocks.layers.glu.GroupedGLU``, grouped GEMMs from the
@@ -21,15 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing import Router, RouterConfig
+from ..routing import RouterConfig
+from .backend import BackendUnavailableError, ExpertOutput, MoEBackend, combine
 from .config import MoEConfig
-from .native import MoELayer, SwiGLU
+from .layer import MoELayer
 
 _INSTALL_HINT = "pip install 'moespec[gpu]'"
-
-
-class BackendUnavailableError(RuntimeError):
-    """A MoE backend cannot run on this machine (missing accelerator or package)."""
 
 
 def megablocks_missing() -> list[str]:
@@ -54,22 +53,16 @@ def _require_megablocks() -> None:
         )
 
 
-class MegaBlocksMoELayer(nn.Module):
-    """Dropless top-k MoE on MegaBlocks' grouped GLU experts, routed by a moespec ``Router``.
+class MegaBlocksExperts(MoEBackend):
+    """The ``megablocks`` backend: dropless top-k on MegaBlocks' grouped GLU experts.
 
-    Input [..., H] → output [..., H]; same interface and weights as the native ``MoELayer``.
+    ``glu`` holds w1 (gate), v1 (up), w2 (down), each [E*I, H] in MegaBlocks' layout.
     """
 
-    is_moespec_moe = True
+    # Before the router moved to MoELayer the GroupedGLU was the layer's ``experts`` itself.
+    legacy_prefixes = {f"experts.{w}": f"experts.glu.{w}" for w in ("w1", "v1", "w2")}
 
-    def __init__(
-        self,
-        hidden_size: int,
-        moe: MoEConfig,
-        router_cfg: RouterConfig,
-        *,
-        layer_index: int | None = None,
-    ) -> None:
+    def __init__(self, hidden_size: int, moe: MoEConfig) -> None:
         super().__init__()
         _require_megablocks()
         if hidden_size < 1 or moe.ffn_size < 1:
@@ -88,14 +81,13 @@ class MegaBlocksMoELayer(nn.Module):
         self._ops = mb_ops
         self.hidden_size = hidden_size
         self.ffn_size = moe.ffn_size
-        self.router = Router(hidden_size, router_cfg, layer_index=layer_index)
-        e = router_cfg.num_experts
+        self.num_experts = e = moe.num_experts
         self.sort_end_bit = max(math.ceil(math.log2(e)), 1)
         self.args = Arguments(
             hidden_size=hidden_size,
             ffn_hidden_size=moe.ffn_size,
             moe_num_experts=e,
-            moe_top_k=router_cfg.top_k,
+            moe_top_k=moe.top_k,
             bias=False,
             activation_fn=F.silu,
             mlp_type="glu",
@@ -106,54 +98,126 @@ class MegaBlocksMoELayer(nn.Module):
             init_method=partial(nn.init.normal_, mean=0.0, std=hidden_size**-0.5),
             output_layer_init_method=partial(nn.init.normal_, mean=0.0, std=moe.ffn_size**-0.5),
         )
-        # w1 (gate), v1 (up), w2 (down): each [E*I, H] in MegaBlocks' layout.
-        self.experts = GroupedGLU(self.args)
-        self.shared_expert = (
-            SwiGLU(hidden_size, moe.shared_expert_size) if moe.shared_expert_size > 0 else None
+        self.glu = GroupedGLU(self.args)
+
+    @property
+    def w1(self) -> nn.Parameter:
+        return self.glu.w1
+
+    @property
+    def v1(self) -> nn.Parameter:
+        return self.glu.v1
+
+    @property
+    def w2(self) -> nn.Parameter:
+        return self.glu.w2
+
+    @torch.no_grad()
+    def load_fused(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Copy expert weights in the native layout: ``gate_up`` [E,H,2I], ``down`` [E,I,H]."""
+        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
+        if tuple(gate_up.shape) != (e, h, 2 * i) or tuple(down.shape) != (e, i, h):
+            raise ValueError(
+                f"native experts gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} "
+                f"do not match this layer: expected ({e}, {h}, {2 * i}) and ({e}, {i}, {h})"
+            )
+        gate, up = gate_up.chunk(2, dim=-1)  # [E,H,I] each
+        self.w1.copy_(gate.transpose(1, 2).reshape(e * i, h))
+        self.v1.copy_(up.transpose(1, 2).reshape(e * i, h))
+        self.w2.copy_(down.reshape(e * i, h))
+
+    @torch.no_grad()
+    def fused_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert weights in the native layout: ``gate_up`` [E,H,2I] and ``down`` [E,I,H]."""
+        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
+        gate = self.w1.view(e, i, h).transpose(1, 2)
+        up = self.v1.view(e, i, h).transpose(1, 2)
+        return torch.cat([gate, up], dim=-1).contiguous(), self.w2.view(e, i, h).clone()
+
+    def _experts_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Grouped SwiGLU over rows sorted by expert; grouped_gemm in bf16, else per expert."""
+        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
+        if x_sorted.dtype == torch.bfloat16:
+            if self.w1.dtype == torch.bfloat16:
+                return self.glu(x_sorted, counts)  # GroupedGLU.forward
+            from megablocks.grouped_gemm_util import ops as gg_ops
+
+            sizes = counts.cpu().to(torch.long)
+            w1, v1, w2 = (p.view(e, i, h).to(torch.bfloat16) for p in (self.w1, self.v1, self.w2))
+            g = gg_ops.gmm(x_sorted, w1, sizes, trans_b=True)
+            u = gg_ops.gmm(x_sorted, v1, sizes, trans_b=True)
+            return gg_ops.gmm(F.silu(g) * u, w2, sizes)
+        w1, v1, w2 = (p.view(e, i, h).to(x_sorted.dtype) for p in (self.w1, self.v1, self.w2))
+        outs = []
+        start = 0
+        for ex, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            xs = x_sorted[start : start + n]
+            outs.append((F.silu(xs @ w1[ex].t()) * (xs @ v1[ex].t())) @ w2[ex])
+            start += n
+        if not outs:
+            return x_sorted.new_zeros(0, h)
+        return torch.cat(outs, dim=0)
+
+    def forward(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> ExpertOutput:
+        ops = self._ops
+        t, k = idx.shape
+        if t == 0:
+            return ExpertOutput(raw=flat.new_zeros(0, k, flat.shape[-1]), combined=flat.clone())
+        slot_expert = idx.reshape(-1).int()  # [T*k], slot s = token s//k
+        with torch.no_grad():
+            bin_ids, indices = ops.sort(slot_expert, self.sort_end_bit)
+            counts = ops.histogram(slot_expert, self.num_experts)
+            bins = ops.inclusive_cumsum(counts, 0)
+            bins = bins.view(1) if bins.dim() == 0 else bins
+        x_sorted = ops.gather(flat.contiguous(), indices, bin_ids, bins, k)
+        y_sorted = self._experts_forward(x_sorted, counts)
+        # top_k=1 on T*k slots un-permutes row by row without summing: raw [T*k,H].
+        raw = ops.scatter(y_sorted.contiguous(), indices, bin_ids, None, bins, 1)
+        raw = raw.view(t, k, flat.shape[-1])
+        return ExpertOutput(raw=raw, combined=combine(raw, weights))
+
+    def extra_repr(self) -> str:
+        return "impl=megablocks-grouped"
+
+
+class MegaBlocksMoELayer(MoELayer):
+    """A :class:`MoELayer` on the megablocks backend, with weight exchange to a native one."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        moe: MoEConfig,
+        router_cfg: RouterConfig,
+        *,
+        layer_index: int | None = None,
+    ) -> None:
+        _require_megablocks()  # before any weight is drawn
+        super().__init__(
+            hidden_size,
+            moe.ffn_size,
+            router_cfg,
+            shared_expert_size=moe.shared_expert_size,
+            layer_index=layer_index,
+            backend="megablocks",
+            ep_size=moe.ep_size,
         )
-        if self.shared_expert is not None:
-            self.shared_expert.to(self.experts.w1.device)
-        self.router.to(self.experts.w1.device)
 
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
-    # ------------------------------------------------------------- weight exchange
     @torch.no_grad()
     def load_native_weights(self, native: MoELayer) -> MegaBlocksMoELayer:
         """Copy router, experts and shared expert from a native ``MoELayer`` (same sizes)."""
-        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
-        fe = native.experts
-        if tuple(fe.gate_up.shape) != (e, h, 2 * i) or tuple(fe.down.shape) != (e, i, h):
-            raise ValueError(
-                f"native experts gate_up {tuple(fe.gate_up.shape)}, down {tuple(fe.down.shape)} "
-                f"do not match this layer: expected ({e}, {h}, {2 * i}) and ({e}, {i}, {h})"
-            )
         if (native.shared_expert is None) != (self.shared_expert is None):
             raise ValueError("native and megablocks layers disagree on having a shared expert")
-        gate, up = fe.gate_up.chunk(2, dim=-1)  # [E,H,I] each
-        w = self.experts
-        w.w1.copy_(gate.transpose(1, 2).reshape(e * i, h))
-        w.v1.copy_(up.transpose(1, 2).reshape(e * i, h))
-        w.w2.copy_(fe.down.reshape(e * i, h))
+        self.experts.load_fused(native.experts.gate_up, native.experts.down)
         self.router.load_state_dict(native.router.state_dict())
         if self.shared_expert is not None:
             self.shared_expert.load_state_dict(native.shared_expert.state_dict())
         return self
 
-    @torch.no_grad()
     def native_expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert weights in the native layout: ``gate_up`` [E,H,2I] and ``down`` [E,I,H]."""
-        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
-        w = self.experts
-        gate = w.w1.view(e, i, h).transpose(1, 2)
-        up = w.v1.view(e, i, h).transpose(1, 2)
-        return torch.cat([gate, up], dim=-1).contiguous(), w.w2.view(e, i, h).clone()
+        return self.experts.fused_weights()
 
     @torch.no_grad()
     def store_native_weights(self, native: MoELayer) -> MoELayer:
@@ -189,67 +253,10 @@ class MegaBlocksMoELayer(nn.Module):
             out.to(dev)
         return out.load_native_weights(layer)
 
-    # ---------------------------------------------------------------------- forward
-    def _experts_forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Grouped SwiGLU over rows sorted by expert; grouped_gemm in bf16, else per expert."""
-        e, h, i = self.num_experts, self.hidden_size, self.ffn_size
-        w = self.experts
-        if x_sorted.dtype == torch.bfloat16:
-            if w.w1.dtype == torch.bfloat16:
-                return w(x_sorted, counts)  # GroupedGLU.forward
-            from megablocks.grouped_gemm_util import ops as gg_ops
 
-            sizes = counts.cpu().to(torch.long)
-            w1, v1, w2 = (p.view(e, i, h).to(torch.bfloat16) for p in (w.w1, w.v1, w.w2))
-            g = gg_ops.gmm(x_sorted, w1, sizes, trans_b=True)
-            u = gg_ops.gmm(x_sorted, v1, sizes, trans_b=True)
-            return gg_ops.gmm(F.silu(g) * u, w2, sizes)
-        w1, v1, w2 = (p.view(e, i, h).to(x_sorted.dtype) for p in (w.w1, w.v1, w.w2))
-        outs = []
-        start = 0
-        for ex, n in enumerate(counts.tolist()):
-            if n == 0:
-                continue
-            xs = x_sorted[start : start + n]
-            outs.append((F.silu(xs @ w1[ex].t()) * (xs @ v1[ex].t())) @ w2[ex])
-            start += n
-        if not outs:
-            return x_sorted.new_zeros(0, h)
-        return torch.cat(outs, dim=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = self._ops
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        t, k = flat.shape[0], self.top_k
-        route = self.router(flat)
-        if t == 0:
-            raw = flat.new_zeros(0, k, shape[-1])
-            self.router.record_expert_outputs(raw)
-            return x.clone()
-        slot_expert = route.idx.reshape(-1).int()  # [T*k], slot s = token s//k
-        with torch.no_grad():
-            bin_ids, indices = ops.sort(slot_expert, self.sort_end_bit)
-            counts = ops.histogram(slot_expert, self.num_experts)
-            bins = ops.inclusive_cumsum(counts, 0)
-            bins = bins.view(1) if bins.dim() == 0 else bins
-        flat_c = flat.contiguous()
-        x_sorted = ops.gather(flat_c, indices, bin_ids, bins, k)
-        y_sorted = self._experts_forward(x_sorted, counts)
-        # top_k=1 on T*k slots un-permutes row by row without summing: raw [T*k,H].
-        raw = ops.scatter(y_sorted.contiguous(), indices, bin_ids, None, bins, 1)
-        raw = raw.view(t, k, shape[-1])
-        self.router.record_expert_outputs(raw)
-        out = torch.bmm(route.weights.to(raw.dtype).unsqueeze(1), raw).squeeze(1)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
-        return out.view(shape)
-
-    def extra_repr(self) -> str:
-        return (
-            f"hidden={self.hidden_size}, ffn={self.ffn_size}, "
-            f"shared={self.shared_expert is not None}, impl=megablocks-grouped"
-        )
-
-
-__all__ = ["BackendUnavailableError", "MegaBlocksMoELayer", "megablocks_missing"]
+__all__ = [
+    "BackendUnavailableError",
+    "MegaBlocksExperts",
+    "MegaBlocksMoELayer",
+    "megablocks_missing",
+]

@@ -1,9 +1,10 @@
-"""Native dropless top-k MoE layer with fused SwiGLU expert weights.
+"""Native dropless top-k experts: fused SwiGLU weights, tokens sorted by expert.
+
+Shapes: T tokens, E experts, k experts per token, H hidden size, I expert FFN size.
 
 Tokens are sorted by expert and run through grouped matmuls (``torch._grouped_mm`` where
-the installed torch has it, else one matmul per expert over contiguous slices). The raw
-outputs of each token's k experts, before gating, are handed to the router for the
-orthogonality loss.
+the installed torch has it, else one matmul per expert over contiguous slices); the raw
+outputs of each token's k experts [T,k,H] return in token order, before gating.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..routing import Router, RouterConfig
+from .backend import ExpertOutput, MoEBackend, combine
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -123,8 +124,11 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(g) * u)
 
 
-class FusedExperts(nn.Module):
-    """E SwiGLU experts held as two fused tensors: ``gate_up`` [E,H,2I] and ``down`` [E,I,H]."""
+class FusedExperts(MoEBackend):
+    """E SwiGLU experts held as two fused tensors: ``gate_up`` [E,H,2I] and ``down`` [E,I,H].
+
+    The native backend: dropless, every token reaches all k of its experts.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int) -> None:
         super().__init__()
@@ -135,7 +139,16 @@ class FusedExperts(nn.Module):
         nn.init.normal_(self.gate_up, std=hidden_size**-0.5)
         nn.init.normal_(self.down, std=ffn_size**-0.5)
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> ExpertOutput:
+        """Each token of ``flat`` [T,H] through its k experts ``idx`` [T,k], gated by ``weights``."""
+        t, k = idx.shape
+        slot_expert = idx.reshape(-1)  # [T*k], slot s = token s//k, choice s%k
+        order = torch.argsort(slot_expert, stable=True)
+        counts = torch.bincount(slot_expert, minlength=self.num_experts)
+        raw = self.forward_slots(flat, order, counts, k).view(t, k, flat.shape[-1])  # [T,k,H]
+        return ExpertOutput(raw=raw, combined=combine(raw, weights))
+
+    def grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run rows of ``x_sorted`` [N,H], grouped by expert with ``counts`` [E], through them."""
         if _HAS_GROUPED_MM and x_sorted.dtype in (torch.float32, torch.bfloat16):
             offs = counts.cumsum(0).to(torch.int32)
@@ -170,7 +183,7 @@ class FusedExperts(nn.Module):
         gate_up, down = self.gate_up.to(flat.dtype), self.down.to(flat.dtype)
         if flat.device.type == "cpu":
             return _RoutedSwiGLU.apply(flat, gate_up, down, order, counts.tolist(), k)
-        y_sorted = self(flat.index_select(0, order // k), counts)
+        y_sorted = self.grouped(flat.index_select(0, order // k), counts)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return _Permute.apply(y_sorted, inverse, order)
@@ -200,59 +213,3 @@ class _Permute(torch.autograd.Function):
     ) -> tuple[torch.Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
-
-
-class MoELayer(nn.Module):
-    """Dropless top-k MoE: router, fused experts, optional shared expert.
-
-    Input [..., H] → output [..., H]. The router keeps the losses and statistics.
-    """
-
-    is_moespec_moe = True
-
-    def __init__(
-        self,
-        hidden_size: int,
-        ffn_size: int,
-        router_config: RouterConfig,
-        *,
-        shared_expert_size: int = 0,
-        layer_index: int | None = None,
-    ) -> None:
-        super().__init__()
-        if hidden_size < 1 or ffn_size < 1:
-            raise ValueError(
-                f"hidden_size and ffn_size must be >= 1, got {hidden_size}, {ffn_size}"
-            )
-        self.hidden_size = hidden_size
-        self.router = Router(hidden_size, router_config, layer_index=layer_index)
-        self.experts = FusedExperts(router_config.num_experts, hidden_size, ffn_size)
-        self.shared_expert = (
-            SwiGLU(hidden_size, shared_expert_size) if shared_expert_size > 0 else None
-        )
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        t, k = flat.shape[0], self.top_k
-        route = self.router(flat)
-        slot_expert = route.idx.reshape(-1)  # [T*k], slot s = token s//k, choice s%k
-        order = torch.argsort(slot_expert, stable=True)
-        counts = torch.bincount(slot_expert, minlength=self.num_experts)
-        raw = self.experts.forward_slots(flat, order, counts, k).view(t, k, shape[-1])  # [T,k,H]
-        self.router.record_expert_outputs(raw)
-        out = torch.bmm(route.weights.to(raw.dtype).unsqueeze(1), raw).squeeze(1)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
-        return out.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"hidden={self.hidden_size}, ffn={self.experts.ffn_size}, shared={self.shared_expert is not None}"

@@ -73,7 +73,7 @@ def _shared_run_dir(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from ..moe.megablocks import BackendUnavailableError
+    from ..moe.backend import BackendUnavailableError
     from .config import TrainConfig
     from .trainer import TrainingError, train
 

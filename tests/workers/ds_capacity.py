@@ -38,7 +38,7 @@ def main() -> None:
     router = layer.router
     probs = (x @ router.weight.T).softmax(-1)
     capacity = math.ceil(TOKENS * TOP_K / EXPERTS * CAPACITY_FACTOR)
-    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    experts = layer.experts.deepspeed_moe.experts.deepspeed_experts
     taken = [0] * EXPERTS
     ref_out, ref_raw, dropped = torch.zeros_like(x), [], 0
     for t in range(TOKENS):
@@ -57,7 +57,7 @@ def main() -> None:
         if whole:
             ref_raw.append(torch.stack(row))
     assert dropped > 0, "the capacity must drop some routes for this check"
-    assert layer.deepspeed_moe.gate.dropped_routes == dropped
+    assert layer.experts.deepspeed_moe.gate.dropped_routes == dropped
     torch.testing.assert_close(y, ref_out, rtol=1e-5, atol=1e-5)
     want = L.orthogonality_loss(torch.stack(ref_raw))
     torch.testing.assert_close(router.raw_losses["orthogonality"], want, rtol=1e-5, atol=1e-7)

@@ -36,7 +36,7 @@ def main() -> None:
     task = (y * torch.linspace(-1, 1, HIDDEN)).square().mean()
     routed = collect_router_losses(layer)
     (task + routed.total).backward()
-    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    experts = layer.experts.deepspeed_moe.experts.deepspeed_experts
     torch.save(
         {
             "y": y.detach(),
@@ -44,7 +44,7 @@ def main() -> None:
             "losses": {k: v.detach() for k, v in layer.router.raw_losses.items()},
             "total": routed.total.detach(),
             "router_grad": layer.router.weight.grad,
-            "expert_ids": layer.local_expert_ids(),
+            "expert_ids": layer.experts.local_expert_ids(),
             "gate_up_grads": [e.gate_up.weight.grad for e in experts],
             "down_grads": [e.down.weight.grad for e in experts],
             "x_grad": x.grad,
