@@ -197,3 +197,84 @@ def test_orthogonality_rejects_bad_input():
 )
 def test_calibration_power_of_ten(raw, target, expect):
     assert calibrate_weight(raw, target) == pytest.approx(expect)
+
+
+def ref_projection_qr(y):
+    """Mean over tokens and slots of ||Q Qᵀ y_j||², Q from a float64 QR of the other k-1 outputs."""
+    t, k, _ = y.shape
+    y = y.double()
+    total = 0.0
+    for i in range(t):
+        for j in range(k):
+            others = torch.stack([y[i, m] for m in range(k) if m != j], dim=1)  # [H,k-1]
+            q, _ = torch.linalg.qr(others)
+            total += float((q @ (q.T @ y[i, j])).square().sum())
+    return total / (t * k)
+
+
+def _scaled_outputs(k, ratio, dtype, parallel_pair, t=8, h=10):
+    """Random outputs with one output of each token (slot t mod k) scaled by ``ratio``.
+
+    ``parallel_pair``: outputs 0 and 1 of each token are nearly parallel (cos ≈ 0.999).
+    """
+    g = torch.Generator().manual_seed(1000 * k + 7)
+    y = torch.randn(t, k, h, generator=g, dtype=torch.float64)
+    if parallel_pair:
+        y[:, 1] = y[:, 0] + 0.05 * torch.randn(t, h, generator=g, dtype=torch.float64)
+    y[torch.arange(t), torch.arange(t) % k] *= ratio
+    return y.to(dtype)
+
+
+@pytest.mark.parametrize("parallel_pair", [False, True], ids=["random", "parallel_pair"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("ratio", [10.0**-e for e in range(7)])
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_projection_matches_qr_whatever_the_norm_ratio(k, ratio, dtype, parallel_pair):
+    """The ridge is relative to each output's own norm: a small output beside large ones counts
+    in full (a ridge relative to the sum of the k norms under-counted it by up to 100%)."""
+    y = _scaled_outputs(k, ratio, dtype, parallel_pair)
+    got = L.orthogonality_loss(y, "projection")
+    assert got.dtype == dtype
+    assert got.item() == pytest.approx(ref_projection_qr(y), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_projection_zero_and_identical_outputs_finite(k, dtype):
+    h = 8
+    zero = torch.zeros(3, k, h, dtype=dtype)
+    same = torch.randn(3, 1, h, dtype=dtype).expand(3, k, h).contiguous()
+    one_zero = torch.randn(3, k, h, dtype=dtype)
+    one_zero[:, 0] = 0.0
+    for y, expect in (
+        (zero, 0.0),
+        (same, float(same[:, 0].double().square().sum(-1).mean())),  # each one in the others' span
+        (one_zero, ref_projection_qr(one_zero[:, 1:]) * (k - 1) / k if k > 2 else 0.0),
+    ):
+        leaf = y.clone().requires_grad_(True)
+        out = L.orthogonality_loss(leaf, "projection")
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(leaf.grad).all()
+        assert out.item() == pytest.approx(expect, rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [8, 4])
+def test_projection_nearly_identical_float32_outputs_keep_a_sane_gradient(k):
+    """Nearly identical outputs (upcycled experts) in float32: the ridge covers the rounding of
+    the float32 Gram, so the gradient stays that of the float64 computation (no spike)."""
+    g = torch.Generator().manual_seed(k)
+    y = torch.randn(64, 1, 256, generator=g) + 1e-4 * torch.randn(64, k, 256, generator=g)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        leaf = y.to(dtype).detach().clone().requires_grad_(True)
+        L.orthogonality_loss(leaf, "projection").backward()
+        grads.append(leaf.grad.double())
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_projection_gradcheck_mixed_norms_and_a_parallel_pair(k):
+    y = _scaled_outputs(k, 1e-2, torch.float64, parallel_pair=True, t=2, h=7)
+    assert torch.autograd.gradcheck(
+        lambda v: L.orthogonality_loss(v, "projection"), (y.requires_grad_(True),)
+    )

@@ -94,7 +94,9 @@ def orthogonality_loss(expert_outputs: torch.Tensor, variant: str = "projection"
     """Orthogonality loss over each token's k raw expert outputs ``expert_outputs`` [T,k,H].
 
     ``projection``: mean over tokens and slots of ``||proj_{span(others)} y_j||^2``, computed
-    from the k×k Gram matrix (no QR per slot). ``pairwise``: paper Eq. 6,
+    from the k×k Gram matrix (no QR per slot), with a ridge relative to each output's own norm
+    and the small (k-1)×(k-1) solves in float64: a QR reference is matched to about 1e-5
+    (float32) whatever the norm ratios between the k outputs. ``pairwise``: paper Eq. 6,
     ``<y_i,y_j>^2/||y_j||^2``. ``cosine``: mean ``cos(y_i,y_j)^2``. Zero for k = 1.
     """
     if variant not in ORTHOGONALITY_VARIANTS:
@@ -125,29 +127,35 @@ def _projection_from_gram(g: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
     """``||P_{-j} y_j||^2`` for every token and slot, [T,k], from the Gram matrix.
 
     With ``A`` the Gram matrix of the other k-1 outputs and ``b`` their inner products with
-    ``y_j``, the squared projection is ``b^T A^+ b``. A tiny ridge (relative to the trace)
-    keeps it finite and differentiable when outputs are zero, identical or collinear.
+    ``y_j``, the squared projection is ``b^T A^+ b = ||y_j||^2 c^T C^+ c``, where ``C`` is the
+    cosine matrix of the others (``D^-1 A D^-1``, unit diagonal) and ``c = D^-1 b / ||y_j||``
+    their cosines with ``y_j``: the norms drop out, so the norm ratios between the k outputs do
+    not matter. The solve ``x = (C + rI)^-1 c`` runs in float64; the ridge ``r`` (relative to
+    unit diagonals, above the rounding of a float32 Gram) keeps value and gradient finite for
+    zero, identical or collinear outputs, and ``c^T x + r x^T x`` (one step of iterated
+    Tikhonov) leaves a bias of order ``(r/λ)^2`` instead of ``r/λ`` for an eigenvalue ``λ`` of
+    ``C``. The squared cosine is clamped to [0, 1] against the rounding of the Gram.
     """
     t, k, _ = g.shape
     dtype = g.dtype
     rel = 1e-10 if dtype == torch.float64 else 1e-6
     floor = torch.finfo(dtype).tiny ** 0.5  # keeps 0/0 out of the gradient for zero outputs
-    scale = diag.sum(-1) + floor  # [T]
+    g64, d64 = g.double(), diag.double()
+    inv_norm = (d64 + floor).rsqrt()  # [T,k]; ~1/||y_i||, finite for zero outputs
+    cos = g64 * inv_norm[:, :, None] * inv_norm[:, None, :]  # [T,k,k]
     if k == 2:
-        b = g[:, 0, 1]
-        ridge = rel * scale
-        p0 = b.square() / (diag[:, 1] + ridge)
-        p1 = b.square() / (diag[:, 0] + ridge)
-        return torch.stack([p0, p1], dim=1)
-    others = torch.stack(
-        [torch.tensor([i for i in range(k) if i != j], device=g.device) for j in range(k)]
-    )  # [k,k-1]
-    a = g[:, others[:, :, None], others[:, None, :]]  # [T,k,k-1,k-1]
-    b = g[:, torch.arange(k, device=g.device)[:, None], others]  # [T,k,k-1]
-    eye = torch.eye(k - 1, dtype=dtype, device=g.device)
-    a = a + (rel * scale)[:, None, None, None] * eye
-    sol = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
-    return (b * sol).sum(-1)
+        sol = cos[:, 0, 1, None] / (torch.stack([cos[:, 1, 1], cos[:, 0, 0]], dim=1) + rel)
+        cos2 = cos[:, 0, 1, None] * sol + rel * sol.square()  # [T,2]
+    else:
+        others = torch.stack(
+            [torch.tensor([i for i in range(k) if i != j], device=g.device) for j in range(k)]
+        )  # [k,k-1]
+        a = cos[:, others[:, :, None], others[:, None, :]]  # [T,k,k-1,k-1]
+        b = cos[:, torch.arange(k, device=g.device)[:, None], others]  # [T,k,k-1]
+        a = a + rel * torch.eye(k - 1, dtype=a.dtype, device=g.device)
+        sol = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+        cos2 = (b * sol).sum(-1) + rel * sol.square().sum(-1)
+    return (d64 * cos2.clamp(0.0, 1.0)).to(dtype)
 
 
 def output_overlap(expert_outputs: torch.Tensor) -> torch.Tensor:
