@@ -419,6 +419,9 @@ def test_vocab_smaller_than_tokenizer_is_an_error():
 
 def test_lm_loss_excludes_the_models_own_aux_loss():
     """With moespec's α = 0 the model's own aux loss trains, but lm_loss stays pure CE."""
+    import torch.nn.functional as F
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
     from moespec.models.hf_train import build_hf_model
     from moespec.models.tiny import lm_output
     from moespec.train.config import TrainConfig
@@ -435,6 +438,17 @@ def test_lm_loss_excludes_the_models_own_aux_loss():
     out = model(ids, ids)
     config = model.hf_model.config
     assert config.output_router_logits and config.router_aux_loss_coef > 0
-    torch.testing.assert_close(out.lm_loss, lm_output(out.logits, ids).loss)
-    assert out.model_aux_loss is not None and out.model_aux_loss.item() > 0
-    torch.testing.assert_close(out.loss, out.lm_loss + out.model_aux_loss)
+    # References computed here: CE of the logits against the aligned labels, and the model's
+    # own Switch loss from its router logits (a second, plain transformers forward).
+    ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), ids.reshape(-1))
+    plain = model.hf_model(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(plain.logits, out.logits)
+    aux = load_balancing_loss_func(
+        plain.router_logits, config.num_experts, config.num_experts_per_tok
+    )
+    assert aux.item() > 0
+    model_aux = config.router_aux_loss_coef * aux
+    torch.testing.assert_close(out.lm_loss, ce)
+    torch.testing.assert_close(out.model_aux_loss, model_aux)
+    torch.testing.assert_close(out.loss, ce + model_aux)
+    torch.testing.assert_close(lm_output(out.logits, ids).loss, ce)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -20,13 +21,69 @@ def _compose(overrides: list[str]) -> TrainConfig:
     return OmegaConf.to_object(cfg)
 
 
+def _yaml(path):
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _expected_deepspeed(experiment: str) -> tuple[str, dict]:
+    """The deepspeed option an experiment selects and the fields it ends with, read from the
+    YAML files: train.yaml's default, overridden by ``override /deepspeed`` in the experiment
+    (or an experiment it includes), the option's file, then the experiments' own values."""
+    (option,) = [d["deepspeed"] for d in _yaml(recipes_dir() / "train.yaml")["defaults"]
+                 if isinstance(d, dict) and "deepspeed" in d]  # fmt: skip
+    own: dict = {}
+
+    def visit(name: str) -> None:
+        nonlocal option
+        doc = _yaml(recipes_dir() / "experiment" / f"{name}.yaml")
+        for entry in doc.get("defaults", []):
+            if isinstance(entry, str):
+                visit(entry)  # another experiment, merged before this one's values
+            elif "override /deepspeed" in entry:
+                option = entry["override /deepspeed"]
+        own.update(doc.get("deepspeed", {}))
+
+    visit(experiment)
+    return option, {**_yaml(recipes_dir() / "deepspeed" / f"{option}.yaml"), **own}
+
+
+def _parsed_by_deepspeed(cfg: TrainConfig):
+    config = pytest.importorskip("deepspeed.runtime.config")
+    return config.DeepSpeedConfig(deepspeed_config(cfg))
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment):
     cfg = _compose([f"experiment={experiment}"])
     assert isinstance(cfg, TrainConfig)
     cfg.moe.validate()
-    ds = deepspeed_config(cfg)
-    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
+    option, want = _expected_deepspeed(experiment)
+    got = OmegaConf.to_container(OmegaConf.structured(cfg.deepspeed))
+    assert {k: got[k] for k in want} == want, option
+    ds = _parsed_by_deepspeed(cfg)  # the JSON as DeepSpeed reads it
+    assert ds.zero_optimization_stage == want["zero_stage"]
+    assert ds.train_micro_batch_size_per_gpu == want["micro_batch_size"]
+    assert ds.gradient_accumulation_steps == want["gradient_accumulation_steps"]
+    assert ds.train_batch_size == want["micro_batch_size"] * want["gradient_accumulation_steps"]
+    assert ds.gradient_clipping == want["gradient_clipping"]
+    assert ds.bfloat16_config.enabled == (want["precision"] == "bf16")
+    assert ds.float16_config.enabled == (want["precision"] == "fp16")
+
+
+def test_deepspeed_precedence_command_line_over_experiment_over_group_file():
+    """experiment=smoke_gpu picks zero2_bf16; deepspeed=zero1 on the command line wins over
+    that, the experiment's micro_batch_size still wins over zero1.yaml's, and a key override
+    wins over both."""
+    zero1 = _yaml(recipes_dir() / "deepspeed" / "zero1.yaml")
+    smoke_gpu = _yaml(recipes_dir() / "experiment" / "smoke_gpu.yaml")["deepspeed"]
+    assert smoke_gpu["micro_batch_size"] != zero1["micro_batch_size"]  # else nothing is shown
+    cfg = _compose(["experiment=smoke_gpu", "deepspeed=zero1"])
+    ds = _parsed_by_deepspeed(cfg)
+    assert ds.zero_optimization_stage == zero1["zero_stage"] == 1
+    assert not ds.bfloat16_config.enabled and zero1["precision"] == "fp32"
+    assert ds.train_micro_batch_size_per_gpu == smoke_gpu["micro_batch_size"]
+    cfg = _compose(["experiment=smoke_gpu", "deepspeed=zero1", "deepspeed.micro_batch_size=3"])
+    assert _parsed_by_deepspeed(cfg).train_micro_batch_size_per_gpu == 3
 
 
 @pytest.mark.parametrize("group", ["moe", "loss", "deepspeed", "data", "model"])

@@ -239,7 +239,18 @@ def test_routing_stats_window_and_domains():
     assert stats["maxvio"] == pytest.approx(
         float((counts - counts.mean()).abs().max() / counts.mean())
     )
-    assert 0.0 <= stats["domain_mi"] <= 1.0
+    # I(expert; domain) / H(domain) from the (expert, domain) counts of the routed slots
+    joint = {}
+    for row, d in zip(out.idx.tolist(), dom.tolist()):
+        for e in row:
+            joint[e, d] = joint.get((e, d), 0) + 1
+    n = sum(joint.values())
+    pe = {e: sum(c for (x, _), c in joint.items() if x == e) / n for e, _ in joint}
+    pd = {d: sum(c for (_, y), c in joint.items() if y == d) / n for _, d in joint}
+    mi = sum(c / n * math.log(c / n / (pe[e] * pd[d])) for (e, d), c in joint.items())
+    h_domain = -sum(p * math.log(p) for p in pd.values())
+    assert mi > 0
+    assert stats["domain_mi"] == pytest.approx(mi / h_domain, rel=1e-9)
     assert r.stats.tokens == 0  # reset after collection
 
 
