@@ -42,8 +42,8 @@ def test_sweep_table_matches_each_runs_summary(sweep_dir):
     assert [r.path.name for r in runs] == ["0", "1"]
     assert run_labels(runs) == ["loss.variance.weight=0.001", "loss.variance.weight=0.01"]
     summaries = [json.loads((sweep_dir / n / "summary.json").read_text()) for n in ("0", "1")]
-    assert summaries[0]["weights/gamma"] == pytest.approx(1e-3)
-    assert summaries[1]["weights/gamma"] == pytest.approx(1e-2)
+    assert summaries[0]["weights/variance"] == pytest.approx(1e-3)
+    assert summaries[1]["weights/variance"] == pytest.approx(1e-2)
     cells = _table_cells(markdown_table(runs))
     assert cells["steps"] == ["4", "4"]
     checked = 0
@@ -53,7 +53,7 @@ def test_sweep_table_matches_each_runs_summary(sweep_dir):
         ("routing/domain_mi", "domain MI (normalised)"),
         ("routing/variance", "routing variance"),
         ("routing/maxvio", "MaxVio (load imbalance)"),
-        ("weights/gamma", "γ (variance weight)"),
+        ("weights/variance", "γ (variance weight)"),
     ]:
         values = [s[key] for s in summaries]
         shown = [float(c.strip("*")) for c in cells[label]]
@@ -63,7 +63,7 @@ def test_sweep_table_matches_each_runs_summary(sweep_dir):
             assert bold == [v == min(values) for v in values], key
         if key in ("routing/domain_mi", "routing/variance") and values[0] != values[1]:
             assert bold == [v == max(values) for v in values], key
-        if key in ("routing/maxvio", "weights/gamma"):
+        if key in ("routing/maxvio", "weights/variance"):
             assert not any(bold), key
         checked += 1
     assert checked == 6

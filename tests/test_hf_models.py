@@ -257,7 +257,7 @@ def test_auto_weights_calibrate() -> None:
     with attach(model, loss_config(ortho="auto", var="auto")) as handle:
         model(batch())
         got = handle.collect_losses()
-        assert got.calibrated is not None and got.calibrated["beta"] > 0
+        assert got.calibrated is not None and got.calibrated["orthogonality"] > 0
         assert all(not p.loss_weights.needs_calibration() for p in handle)
 
 

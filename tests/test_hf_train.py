@@ -231,9 +231,9 @@ def test_resume_keeps_calibrated_weights(run_train, read_metrics, tmp_path):
     proc = run_train([*args, "trainer.resume=auto"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "calibrated loss weights" not in proc.stdout + proc.stderr
-    rows = [r for r in read_metrics(run_dir) if "weights/beta" in r]
+    rows = [r for r in read_metrics(run_dir) if "weights/orthogonality" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
-    for key in ("weights/beta", "weights/gamma"):
+    for key in ("weights/orthogonality", "weights/variance"):
         values = {r[key] for r in rows}
         assert len(values) == 1 and math.isfinite(values.pop()), key
 

@@ -101,36 +101,32 @@ def test_collect_weighted_total_matches_formula():
 
 
 def test_auto_calibration_sets_power_of_ten_on_all_layers():
-    torch.manual_seed(2)
-    model = TinyMoELM(
-        TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, max_seq_len=16),
-        MoEConfig(num_experts=4, top_k=2, ffn_size=32),
-        LossConfig(),
-    )
-    for r in (m.router for m in model.modules() if isinstance(m, MoELayer)):
-        r.loss_weights.auto_beta = r.loss_weights.auto_gamma = True
-        r.loss_weights.beta.fill_(math.nan)
-        r.loss_weights.gamma.fill_(math.nan)
+    model = _auto_model(num_layers=3)
     model(torch.randint(0, 64, (2, 16)))
     routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
     lo = sum(float(r.raw_losses["orthogonality"].detach()) for r in routers) / 3
     lv = sum(float(r.raw_losses["variance"].detach()) for r in routers) / 3
     got = collect_router_losses(model)
-    assert got.calibrated["beta"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
-    assert got.calibrated["gamma"] == pytest.approx(10 ** round(math.log10(1e-3 / lv)))
+    assert got.calibrated["orthogonality"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
+    assert got.calibrated["variance"] == pytest.approx(10 ** round(math.log10(1e-3 / lv)))
+    assert got.calibration_raw == pytest.approx({"orthogonality": lo, "variance": lv})
     for r in routers:
-        assert float(r.loss_weights.beta) == pytest.approx(got.calibrated["beta"])
+        assert r.loss_weights.value("orthogonality") == got.calibrated["orthogonality"]
     state = model.state_dict()
-    assert any(k.endswith("loss_weights.beta") for k in state)  # travels with checkpoints
+    stored = [v for k, v in state.items() if k.endswith("loss_weights.orthogonality")]
+    assert len(stored) == 3  # travels with checkpoints
+    assert all(float(v) == got.calibrated["orthogonality"] for v in stored)
     assert collect_router_losses(model).calibrated is None  # only once
 
 
-def _auto_model(seed: int = 2) -> TinyMoELM:
+def _auto_model(seed: int = 2, num_layers: int = 2) -> TinyMoELM:
     torch.manual_seed(seed)
     loss = LossConfig()
     loss.orthogonality.weight = loss.variance.weight = "auto"
     return TinyMoELM(
-        TinyMoEConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=16),
+        TinyMoEConfig(
+            vocab_size=64, hidden_size=32, num_layers=num_layers, num_heads=2, max_seq_len=16
+        ),
         MoEConfig(num_experts=4, top_k=2, ffn_size=32),
         loss,
     )
@@ -142,16 +138,16 @@ def test_calibration_waits_for_a_training_forward():
     model.eval()  # no orthogonality loss in eval: β must not be fixed at 0 from it
     model(ids)
     got = collect_router_losses(model)
-    assert "beta" not in (got.calibrated or {})
+    assert "orthogonality" not in (got.calibrated or {})
     routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
-    assert all(math.isnan(float(r.loss_weights.beta)) for r in routers)
+    assert all(math.isnan(r.loss_weights.value("orthogonality")) for r in routers)
     assert math.isfinite(got.total.item())  # the uncalibrated term is left out, not NaN
     model.train()
     model(ids)
     lo = sum(float(r.raw_losses["orthogonality"].detach()) for r in routers) / len(routers)
     got = collect_router_losses(model)
-    assert got.calibrated["beta"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
-    assert got.calibrated["beta"] > 0
+    assert got.calibrated["orthogonality"] == pytest.approx(10 ** round(math.log10(1e-4 / lo)))
+    assert got.calibrated["orthogonality"] > 0
 
 
 def test_calibration_refuses_a_non_finite_raw_loss():
@@ -167,19 +163,39 @@ def test_restore_after_checkpoint_load_config_wins_for_fixed_weights():
     old_loss = LossConfig()
     old_loss.aux.weight, old_loss.orthogonality.weight, old_loss.variance.weight = 0.01, 0.5, "auto"
     old = Router(8, RouterConfig(num_experts=4, loss=old_loss))
-    old.loss_weights.gamma.fill_(0.1)  # calibrated in the first run
+    old.loss_weights.set("variance", 0.1)  # calibrated in the first run
     new_loss = LossConfig()
     new_loss.aux.weight, new_loss.orthogonality.weight, new_loss.variance.weight = 0.0, 0.25, "auto"
     new = Router(8, RouterConfig(num_experts=4, loss=new_loss))
     new.load_state_dict(old.state_dict())
-    assert new.loss_weights.as_dict()["alpha"] == 0.01  # the checkpoint's, until restored
+    assert new.loss_weights.as_dict()["aux"] == 0.01  # the checkpoint's, until restored
     changed = restore_loss_weights(new)
-    assert new.loss_weights.as_dict() == {"alpha": 0.0, "beta": 0.25, "gamma": 0.1, "zeta": 0.0}
-    assert changed == {"alpha": (0.01, 0.0), "beta": (0.5, 0.25)}
+    want = {"aux": 0.0, "orthogonality": 0.25, "variance": 0.1, "z": 0.0}
+    assert new.loss_weights.as_dict() == want
+    assert changed == {"aux": (0.01, 0.0), "orthogonality": (0.5, 0.25)}
     # A router kept out of the module state (Hugging Face probes): auto weights from the record.
     bare = Router(8, RouterConfig(num_experts=4, loss=new_loss))
-    restore_loss_weights(bare, {"alpha": 0.01, "beta": 0.5, "gamma": 0.1, "zeta": 0.0})
-    assert bare.loss_weights.as_dict() == {"alpha": 0.0, "beta": 0.25, "gamma": 0.1, "zeta": 0.0}
+    restore_loss_weights(bare, {"aux": 0.01, "orthogonality": 0.5, "variance": 0.1, "z": 0.0})
+    assert bare.loss_weights.as_dict() == want
+
+
+def test_checkpoint_of_the_greek_buffer_names_still_loads():
+    loss = LossConfig()
+    loss.variance.weight = "auto"
+    new = Router(8, RouterConfig(num_experts=4, loss=loss))
+    legacy = {
+        k.replace("loss_weights.aux", "loss_weights.alpha")
+        .replace("loss_weights.orthogonality", "loss_weights.beta")
+        .replace("loss_weights.variance", "loss_weights.gamma")
+        .replace("loss_weights.z", "loss_weights.zeta"): v.clone()
+        for k, v in new.state_dict().items()
+    }
+    legacy["loss_weights.gamma"].fill_(0.1)
+    new.load_state_dict(legacy)  # strict: no missing or unexpected key
+    assert new.loss_weights.value("variance") == 0.1
+    bare = Router(8, RouterConfig(num_experts=4, loss=loss))  # a trainer-state record of old
+    restore_loss_weights(bare, {"alpha": 1e-3, "beta": 0.0, "gamma": 0.1, "zeta": 0.0})
+    assert bare.loss_weights.value("variance") == 0.1
 
 
 @pytest.mark.parametrize("normalize_top1", [False, True])

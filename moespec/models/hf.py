@@ -136,10 +136,6 @@ class HFRouterProbe(Router):
         """The block gate's weight [E,H] (shared, not copied)."""
         return self.gate.weight
 
-    def _wants_orthogonality(self) -> bool:
-        beta = self.loss_weights.beta
-        return self.training and (self.loss_weights.auto_beta or float(beta) > 0)
-
     def observe(
         self, hidden_states: torch.Tensor, gate_output: tuple[torch.Tensor, ...]
     ) -> RouterOutput:
@@ -157,7 +153,7 @@ class HFRouterProbe(Router):
             logits=logits32, scores=scores, idx=idx, weights=weights.reshape(-1, self.top_k)
         )
         self._compute_losses(out)
-        if self._wants_orthogonality():
+        if self.wants_expert_outputs():
             self.record_expert_outputs(routed_expert_outputs(self.experts, x, idx))
         elif self.track_stats and self.track_overlap:
             with torch.no_grad():

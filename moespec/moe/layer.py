@@ -29,7 +29,15 @@ def run_experts(
     """Route ``flat`` [T,H], run ``experts``, record their raw outputs on the router; [T,H]."""
     route = router(flat)
     out = experts(flat, route.idx, route.weights)
-    router.record_expert_outputs(out.raw if out.dropped is None else out.raw[~out.dropped])
+    if out.dropped is None:
+        router.record_expert_outputs(out.raw)
+        return out.combined
+    kept = ~out.dropped
+    router.record_expert_outputs(out.raw[kept], kept=kept)
+    if router.track_stats:  # share of tokens that lost a route, per layer and window
+        router.stats.window.add(
+            "dropped_tokens", float(out.dropped.float().mean()), "mean", count=len(kept)
+        )
     return out.combined
 
 

@@ -4,6 +4,7 @@ from . import losses, metrics
 from .config import (
     AuxLossConfig,
     LossConfig,
+    LossTermConfig,
     OrthogonalityLossConfig,
     RouterConfig,
     VarianceLossConfig,
@@ -11,6 +12,7 @@ from .config import (
     validate_loss_config,
     validate_router_config,
 )
+from .losses import LOSSES, LossInputs, routing_loss
 from .router import (
     CollectedLosses,
     Router,
@@ -30,6 +32,9 @@ __all__ = [
     "AuxLossConfig",
     "CollectedLosses",
     "LossConfig",
+    "LossInputs",
+    "LossTermConfig",
+    "LOSSES",
     "OrthogonalityLossConfig",
     "Router",
     "RouterConfig",
@@ -45,6 +50,7 @@ __all__ = [
     "losses",
     "metrics",
     "restore_loss_weights",
+    "routing_loss",
     "set_token_context",
     "step_score_biases",
     "validate_loss_config",

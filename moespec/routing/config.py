@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
-
-from .losses import ORTHOGONALITY_VARIANTS
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_SCOPES = ("batch", "sequence", "global")
@@ -15,7 +13,7 @@ AUTO = "auto"
 
 @dataclass
 class AuxLossConfig:
-    """Load-balancing loss: weight α and scope (batch, sequence, global)."""
+    """Load-balancing loss ``aux``: weight α and scope (batch, sequence, global)."""
 
     weight: float = 1e-3
     scope: str = "batch"
@@ -46,13 +44,50 @@ class ZLossConfig:
 
 
 @dataclass
+class LossTermConfig:
+    """A registered routing loss of the user's: weight (or ``"auto"``), target, options.
+
+    ``target`` (for ``"auto"``) defaults to the one the loss was registered with; ``options``
+    are passed to the loss function as keyword arguments. (``loss.terms`` holds plain mappings,
+    so that ``+loss.terms.<name>.weight=...`` composes; :func:`term_config` checks their keys.)
+    """
+
+    weight: Any = 0.0
+    target: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def term_config(node: Any, key: str) -> LossTermConfig:
+    """A ``loss.terms.<name>`` mapping as a :class:`LossTermConfig`; unknown keys are an error."""
+    if isinstance(node, LossTermConfig):
+        return node
+    if not hasattr(node, "items"):
+        raise ValueError(f"{key} must be a mapping of weight, target, options; got {node!r}")
+    valid = [f.name for f in fields(LossTermConfig)]
+    items = dict(node.items())
+    if unknown := [k for k in items if k not in valid]:
+        raise ValueError(f"{key}: unknown key {unknown[0]!r} (valid keys: {', '.join(valid)})")
+    options = items.get("options", {})
+    if not hasattr(options, "items"):
+        raise ValueError(f"{key}.options must be a mapping of keyword arguments, got {options!r}")
+    return LossTermConfig(**{**items, "options": dict(options.items())})
+
+
+@dataclass
 class LossConfig:
-    """All routing-loss weights: ``L = α·aux + β·L_o − γ·L_v + ζ·z`` summed over layers."""
+    """All routing-loss weights: ``L = Σ_layers Σ_losses sign·weight·loss``.
+
+    The built-in losses have their own nodes (``aux``, ``orthogonality``, ``variance``, ``z``);
+    losses registered with :func:`moespec.routing.losses.routing_loss` are switched on under
+    ``terms.<name>``, after ``modules`` (Python modules or ``.py`` files) registered them.
+    """
 
     aux: AuxLossConfig = field(default_factory=AuxLossConfig)
     orthogonality: OrthogonalityLossConfig = field(default_factory=OrthogonalityLossConfig)
     variance: VarianceLossConfig = field(default_factory=VarianceLossConfig)
     z: ZLossConfig = field(default_factory=ZLossConfig)
+    terms: dict[str, Any] = field(default_factory=dict)  # name -> LossTermConfig fields
+    modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -103,33 +138,14 @@ def parse_weight(value: Any, name: str) -> float | str:
 
 def validate_loss_config(cfg: LossConfig, prefix: str = "loss") -> None:
     """Raise ``ValueError`` naming the first invalid field of a ``LossConfig``."""
-    for key, w in (
-        ("aux.weight", cfg.aux.weight),
-        ("z.weight", cfg.z.weight),
-    ):
-        if parse_weight(w, f"{prefix}.{key}") == AUTO:
-            raise ValueError(
-                f"{prefix}.{key} cannot be 'auto' (only orthogonality and variance calibrate)"
-            )
-    parse_weight(cfg.orthogonality.weight, f"{prefix}.orthogonality.weight")
-    parse_weight(cfg.variance.weight, f"{prefix}.variance.weight")
-    if cfg.aux.scope not in AUX_SCOPES:
-        raise ValueError(f"{prefix}.aux.scope={cfg.aux.scope!r}; valid: {', '.join(AUX_SCOPES)}")
-    if cfg.orthogonality.variant not in ORTHOGONALITY_VARIANTS:
-        raise ValueError(
-            f"{prefix}.orthogonality.variant={cfg.orthogonality.variant!r}; "
-            f"valid: {', '.join(ORTHOGONALITY_VARIANTS)}"
-        )
-    for key, t in (
-        ("orthogonality.target", cfg.orthogonality.target),
-        ("variance.target", cfg.variance.target),
-    ):
-        if not (isinstance(t, int | float) and math.isfinite(t) and t > 0):
-            raise ValueError(f"{prefix}.{key} must be a finite number > 0, got {t!r}")
+    from .losses import resolve_losses  # the loss table reads this module's configs
+
+    resolve_losses(cfg, prefix)
 
 
-def validate_router_config(cfg: RouterConfig) -> None:
-    """Raise ``ValueError`` naming the first invalid field of a ``RouterConfig``."""
+def validate_router_config(cfg: RouterConfig, *, losses: bool = True) -> None:
+    """Raise ``ValueError`` naming the first invalid field of a ``RouterConfig`` (and of its
+    ``loss`` unless ``losses=False``)."""
     if not isinstance(cfg.num_experts, int) or cfg.num_experts < 1:
         raise ValueError(f"router.num_experts must be an integer >= 1, got {cfg.num_experts!r}")
     if not isinstance(cfg.top_k, int) or cfg.top_k < 1:
@@ -166,4 +182,5 @@ def validate_router_config(cfg: RouterConfig) -> None:
         v = getattr(cfg, key)
         if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
             raise ValueError(f"router.{key} must be a finite number >= 0, got {v!r}")
-    validate_loss_config(cfg.loss)
+    if losses:
+        validate_loss_config(cfg.loss)

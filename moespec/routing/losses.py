@@ -6,8 +6,22 @@ All functions are vectorised over tokens and compute in float32 (float64 stays f
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from .config import AUTO, AUX_SCOPES, parse_weight, term_config
 
 ORTHOGONALITY_VARIANTS = ("projection", "pairwise", "cosine")
 
@@ -167,3 +181,234 @@ def output_overlap(expert_outputs: torch.Tensor) -> torch.Tensor:
     c = torch.bmm(y, y.transpose(1, 2)).abs()
     off = ~torch.eye(k, dtype=torch.bool, device=c.device)
     return c[:, off].mean()
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(Σ_r x_r)/dx_r = 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def global_load_balancing_loss(
+    scores: torch.Tensor, idx: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Aux loss with f and P averaged over all data-parallel ranks before the product."""
+    world = dist.get_world_size()
+    f, p = load_balancing_stats(scores, idx, num_experts)
+    f = f.detach().clone()
+    dist.all_reduce(f)
+    p = _SumAcrossRanks.apply(p.contiguous())
+    return num_experts * ((f / world) * (p / world)).sum()
+
+
+# ------------------------------------------------------------------------- the loss table
+#
+# One entry per routing loss: the router computes the entries that are switched on,
+# calibration sets their "auto" weights, and logging (loss/<name>, weights/<name>),
+# checkpoints and moespec-compare read their names from here. Users add entries with
+# @routing_loss from their own modules and switch them on under loss.terms.<name>.
+
+#: What a routing loss may read, as the keyword arguments of its function.
+READABLE = ("logits", "scores", "idx", "num_experts", "expert_outputs", "sequence_ids")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass
+class LossInputs:
+    """What a routing loss may read for one layer and micro-batch of T tokens."""
+
+    logits: torch.Tensor  # [T,E] float32
+    scores: torch.Tensor  # [T,E] routing distribution (sigmoid scores normalised over E)
+    idx: torch.Tensor  # [T,k] selected experts
+    num_experts: int
+    sequence_ids: torch.Tensor | None = None  # [T] which sequence each token belongs to
+    expert_outputs: torch.Tensor | None = None  # [T,k,H] raw (ungated) outputs
+
+
+@dataclass(frozen=True)
+class RoutingLoss:
+    """An entry of the loss table.
+
+    ``compute(inputs, node)`` returns the raw (unweighted) scalar from the :class:`LossInputs`
+    and the loss's config node; ``sign`` is +1 for a loss that is minimised, -1 for one that
+    is maximised; ``calibrates`` allows ``weight: auto`` (set on the first training batch so
+    that weight × raw value ≈ ``target``).
+    """
+
+    name: str
+    compute: Callable[[LossInputs, Any], torch.Tensor]
+    reads: frozenset[str]
+    node: str
+    sign: float = 1.0
+    calibrates: bool = False
+    target: float | None = None
+    logged_when_off: bool = False  # computed for the logs even at weight 0
+    symbol: str = ""  # the paper's letter (docs and compare labels)
+    validate: Callable[[Any, str], None] | None = None
+    builtin: bool = False
+
+    @property
+    def reads_expert_outputs(self) -> bool:
+        """Computed once the MoE layer hands back the raw expert outputs (training only)."""
+        return "expert_outputs" in self.reads
+
+
+LOSSES: dict[str, RoutingLoss] = {}
+
+
+def _validate_aux(node: Any, key: str) -> None:
+    if node.scope not in AUX_SCOPES:
+        raise ValueError(f"{key}.scope={node.scope!r}; valid: {', '.join(AUX_SCOPES)}")
+
+
+def _validate_orthogonality(node: Any, key: str) -> None:
+    if node.variant not in ORTHOGONALITY_VARIANTS:
+        raise ValueError(
+            f"{key}.variant={node.variant!r}; valid: {', '.join(ORTHOGONALITY_VARIANTS)}"
+        )
+
+
+def _aux(inputs: LossInputs, node: Any) -> torch.Tensor:
+    if node.scope == "global" and dist.is_available() and dist.is_initialized():
+        return global_load_balancing_loss(inputs.scores, inputs.idx, inputs.num_experts)
+    seq = inputs.sequence_ids if node.scope == "sequence" else None
+    return load_balancing_loss(inputs.scores, inputs.idx, inputs.num_experts, sequence_ids=seq)
+
+
+def _builtin(name: str, compute: Callable, reads: tuple[str, ...], **kw: Any) -> None:
+    LOSSES[name] = RoutingLoss(name, compute, frozenset(reads), node=name, builtin=True, **kw)
+
+
+_builtin("aux", _aux, ("scores", "idx", "sequence_ids"), logged_when_off=True, symbol="α",
+         validate=_validate_aux)  # fmt: skip
+_builtin(
+    "orthogonality",
+    lambda i, n: orthogonality_loss(i.expert_outputs, n.variant),
+    ("expert_outputs",), calibrates=True, target=1e-4, symbol="β",
+    validate=_validate_orthogonality,
+)  # fmt: skip
+_builtin("variance", lambda i, n: variance_loss(i.scores), ("scores",), sign=-1.0,
+         calibrates=True, target=1e-3, logged_when_off=True, symbol="γ")  # fmt: skip
+_builtin("z", lambda i, n: z_loss(i.logits), ("logits",), symbol="ζ")
+
+
+def routing_loss(
+    name: str,
+    *,
+    reads: str | tuple[str, ...] | list[str],
+    maximise: bool = False,
+    target: float = 1e-3,
+    symbol: str = "",
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn(**reads, **options) -> scalar`` as the routing loss ``name``.
+
+    Switched on with ``loss.terms.<name>.weight`` (a number or ``auto``, calibrated to
+    ``target``); ``loss.terms.<name>.options`` become keyword arguments of ``fn``.
+    """
+    wanted = (reads,) if isinstance(reads, str) else tuple(reads)
+    bad = [r for r in wanted if r not in READABLE]
+    if bad or not wanted:
+        raise ValueError(f"routing loss {name!r} reads {bad or '()'}; valid: {', '.join(READABLE)}")
+    if not _NAME.match(name):
+        raise ValueError(f"routing loss name {name!r}: use lower-case letters, digits and _")
+    if name in LOSSES and LOSSES[name].builtin:
+        raise ValueError(f"routing loss {name!r} is built in; choose another name")
+
+    def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def compute(inputs: LossInputs, node: Any) -> torch.Tensor:
+            return fn(**{r: getattr(inputs, r) for r in wanted}, **dict(node.options))
+
+        LOSSES[name] = RoutingLoss(
+            name, compute, frozenset(wanted), node=f"terms.{name}",
+            sign=-1.0 if maximise else 1.0, calibrates=True, target=target, symbol=symbol,
+        )  # fmt: skip
+        return fn
+
+    return register
+
+
+def import_loss_modules(modules: list[str] | tuple[str, ...], key: str = "loss.modules") -> None:
+    """Import the modules (dotted names or ``.py`` files) that register routing losses."""
+    for spec in modules:
+        if spec.endswith(".py") or os.sep in spec:
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise ValueError(f"{key}: no such file {spec!r}")
+            module_name = f"moespec_user_losses.{path.stem}_{abs(hash(str(path))):x}"
+            if module_name in sys.modules:
+                continue
+            loader = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[module_name] = module
+            try:
+                loader.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[module_name]
+                raise ValueError(f"{key}: importing {spec!r} failed: {err}") from err
+            continue
+        try:
+            importlib.import_module(spec)
+        except ImportError as err:
+            raise ValueError(f"{key}: cannot import {spec!r} ({err})") from err
+
+
+@dataclass(frozen=True)
+class ActiveLoss:
+    """A table entry with its config node, parsed weight (a float or ``"auto"``) and target."""
+
+    entry: RoutingLoss
+    config: Any
+    weight: float | str
+    target: float | None
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+def resolve_losses(cfg: Any, prefix: str = "loss") -> list[ActiveLoss]:
+    """The losses of a ``LossConfig`` in table order; ``ValueError`` names a bad field.
+
+    Built-in losses are always listed (weight 0 when off); registered losses when configured.
+    """
+    import_loss_modules(list(cfg.modules), f"{prefix}.modules")
+    terms = {name: term_config(node, f"{prefix}.terms.{name}") for name, node in cfg.terms.items()}
+    for name in terms:
+        if name not in LOSSES or LOSSES[name].builtin:
+            user = [n for n, e in LOSSES.items() if not e.builtin]
+            hint = f"use {prefix}.{name}" if name in LOSSES else (
+                f"registered: {', '.join(user) or 'none'}; register one with @routing_loss in a "
+                f"module listed in {prefix}.modules"
+            )  # fmt: skip
+            raise ValueError(
+                f"{prefix}.terms.{name}: no registered routing loss of that name ({hint})"
+            )
+    out = []
+    for entry in LOSSES.values():
+        node = getattr(cfg, entry.name) if entry.builtin else terms.get(entry.name)
+        if node is None:
+            continue
+        key = f"{prefix}.{entry.node}"
+        weight = parse_weight(node.weight, f"{key}.weight")
+        if weight == AUTO and not entry.calibrates:
+            raise ValueError(f"{key}.weight cannot be 'auto' ({entry.name} does not calibrate)")
+        target = getattr(node, "target", None)
+        target = entry.target if target is None else target
+        if entry.calibrates and not (
+            isinstance(target, int | float) and math.isfinite(target) and target > 0
+        ):
+            raise ValueError(f"{key}.target must be a finite number > 0, got {target!r}")
+        if entry.validate is not None:
+            entry.validate(node, key)
+        out.append(ActiveLoss(entry, node, weight, target))
+    return out

@@ -7,7 +7,6 @@ Each metric is a small function of accumulated counts so that it can be checked 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -84,32 +83,182 @@ def domain_mutual_information(joint_counts: torch.Tensor) -> float:
     return float(mi / hd) if hd > 0 else 0.0
 
 
-@dataclass
-class RoutingStats:
-    """Sums of routing statistics over a logging window for one MoE layer."""
+REDUCTIONS = ("sum", "mean", "max")
+#: A metric as a module reports it: ``(value, reduce)`` or ``(value, "mean", count)``.
+Metric = tuple[Any, ...]
 
-    num_experts: int
-    num_domains: int = 0
-    tokens: float = 0.0
-    slot_counts: torch.Tensor = field(default=None)  # [E]
-    cooccurrence: torch.Tensor = field(default=None)  # [E,E]
-    domain_counts: torch.Tensor = field(default=None)  # [E,D]
-    variance_sum: float = 0.0
-    entropy_sum: float = 0.0
-    overlap_sum: float = 0.0
-    overlap_tokens: float = 0.0
 
-    def __post_init__(self) -> None:
+def _as_tensor(value: Any) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...], fill: float) -> torch.Tensor:
+    if tuple(t.shape) == shape:
+        return t
+    out = torch.full(shape, fill, dtype=t.dtype)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+class MetricWindow:
+    """Named metrics summed, averaged or maxed over micro-batches and then across ranks.
+
+    ``mean`` entries keep ``Σ value·count`` and ``Σ count`` (``value`` is a mean over ``count``
+    items: micro-batches, tokens), so the window mean weighs every item alike. Values are
+    numbers or tensors; a tensor entry may grow between updates (padded with zeros).
+    """
+
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         """Start a new window."""
-        e, d = self.num_experts, self.num_domains
-        self.tokens = 0.0
-        self.slot_counts = torch.zeros(e, dtype=torch.float64)
-        self.cooccurrence = torch.zeros(e, e, dtype=torch.float64)
-        self.domain_counts = torch.zeros(e, max(d, 0), dtype=torch.float64)
-        self.variance_sum = self.entropy_sum = self.overlap_sum = self.overlap_tokens = 0.0
+        self._values: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, float] = {}
+        self._reduce: dict[str, str] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+    def names(self) -> list[str]:
+        """The metrics seen in this window, sorted."""
+        return sorted(self._values)
+
+    def add(self, name: str, value: Any, reduce: str = "mean", count: float = 1.0) -> None:
+        """Add one report of ``name``; its reduction must stay the same within a window."""
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"metric {name}: reduce={reduce!r}; valid: {', '.join(REDUCTIONS)}")
+        if self._reduce.setdefault(name, reduce) != reduce:
+            raise ValueError(f"metric {name} reported as {reduce} and as {self._reduce[name]}")
+        v = _as_tensor(value) * (count if reduce == "mean" else 1.0)
+        old = self._values.get(name)
+        if old is not None:
+            shape = tuple(max(a, b) for a, b in zip(old.shape, v.shape))
+            fill = -math.inf if reduce == "max" else 0.0
+            old, v = _pad_to(old, shape, fill), _pad_to(v, shape, fill)
+            v = torch.maximum(old, v) if reduce == "max" else old + v
+        self._values[name] = v
+        self._counts[name] = self._counts.get(name, 0.0) + (count if reduce == "mean" else 1.0)
+
+    def update(self, metrics: dict[str, Metric]) -> None:
+        """Add ``{name: (value, reduce[, count])}``."""
+        for name, entry in metrics.items():
+            self.add(name, *entry)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The window's value of ``name`` (a mean divided out), or ``None`` if never reported."""
+        v = self._values.get(name)
+        if v is None or self._reduce[name] != "mean":
+            return v
+        return v / self._counts[name] if self._counts[name] > 0 else torch.full_like(v, math.nan)
+
+    def count(self, name: str) -> float:
+        """How many items (micro-batches, tokens) a mean entry has seen; reports otherwise."""
+        return self._counts.get(name, 0.0)
+
+    def values(self) -> dict[str, float | torch.Tensor]:
+        """Every entry reduced: floats for scalars, tensors otherwise."""
+        out: dict[str, float | torch.Tensor] = {}
+        for name in self.names():
+            v = self.get(name)
+            out[name] = float(v) if v.dim() == 0 else v
+        return out
+
+    def all_reduce(self, group: object | None = None) -> None:
+        """Reduce the window across the ranks of ``group``; each entry by its own reduction.
+
+        Ranks may have seen different entries or shapes: the union is reduced (no-op without
+        torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        meta = {n: (self._reduce[n], tuple(self._values[n].shape)) for n in self._values}
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, meta, group=group)
+        merged: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for theirs in everyone:
+            for name, (reduce, shape) in theirs.items():
+                mine = merged.setdefault(name, (reduce, shape))
+                if mine[0] != reduce or len(mine[1]) != len(shape):
+                    raise ValueError(f"metric {name} is reported differently across ranks")
+                merged[name] = (reduce, tuple(max(a, b) for a, b in zip(mine[1], shape)))
+        names = sorted(merged)
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        for op, kinds in ((dist.ReduceOp.SUM, ("sum", "mean")), (dist.ReduceOp.MAX, ("max",))):
+            chosen = [n for n in names if merged[n][0] in kinds]
+            if not chosen:
+                continue
+            fill = -math.inf if op == dist.ReduceOp.MAX else 0.0
+            parts = [
+                _pad_to(self._values.get(n, torch.full(merged[n][1], fill, dtype=torch.float64)),
+                        merged[n][1], fill).flatten()
+                for n in chosen
+            ]  # fmt: skip
+            parts.append(
+                torch.tensor([self._counts.get(n, 0.0) for n in chosen], dtype=torch.float64)
+            )
+            flat = torch.cat(parts).to(device)
+            dist.all_reduce(flat, op=op, group=group)
+            flat = flat.cpu()
+            start = 0
+            for n in chosen:
+                size = math.prod(merged[n][1])
+                self._values[n] = flat[start : start + size].view(merged[n][1]).clone()
+                self._reduce[n] = merged[n][0]
+                start += size
+            for n, c in zip(chosen, flat[start:].tolist()):
+                self._counts[n] = c
+
+    def state_dict(self) -> dict[str, Any]:
+        """The window's sums, for a checkpoint taken in the middle of a window."""
+        return {
+            "values": {n: v.clone() for n, v in self._values.items()},
+            "counts": dict(self._counts),
+            "reduce": dict(self._reduce),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the window that :meth:`state_dict` saved."""
+        self._values = {n: torch.as_tensor(v).clone() for n, v in state["values"].items()}
+        self._counts = dict(state["counts"])
+        self._reduce = dict(state["reduce"])
+
+
+#: Window entries that feed the derived routing metrics rather than being logged themselves.
+_ROUTING_SUMS = ("tokens", "slot_counts", "cooccurrence", "domain_counts")
+
+
+class RoutingStats:
+    """Routing statistics of one MoE layer over a logging window (a :class:`MetricWindow`).
+
+    Each forward reports counts and per-token means by name; layers may add their own entries
+    (``stats.window.add(...)``), which are logged as they are reduced.
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.window = MetricWindow()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.window.reset()
+
+    @property
+    def tokens(self) -> float:
+        """Tokens routed in the window."""
+        v = self.window.get("tokens")
+        return float(v) if v is not None else 0.0
+
+    @property
+    def slot_counts(self) -> torch.Tensor:
+        """[E] routed slots per expert."""
+        v = self.window.get("slot_counts")
+        return v if v is not None else torch.zeros(self.num_experts, dtype=torch.float64)
+
+    @property
+    def domain_counts(self) -> torch.Tensor:
+        """[E,D] routed slots per expert and domain (D = 0 without domain labels)."""
+        v = self.window.get("domain_counts")
+        return v if v is not None else torch.zeros(self.num_experts, 0, dtype=torch.float64)
 
     @torch.no_grad()
     def update(
@@ -125,79 +274,37 @@ class RoutingStats:
         e = self.num_experts
         onehot = torch.zeros(t, e, dtype=torch.float32, device=idx.device)
         onehot.scatter_(1, idx, 1.0)
-        self.tokens += t
-        self.slot_counts += onehot.sum(0).double().cpu()
-        self.cooccurrence += (onehot.T @ onehot).double().cpu()
         s = scores.float()
-        self.variance_sum += float(s.var(-1, unbiased=True).sum()) if e > 1 else 0.0
-        self.entropy_sum += float(routing_entropy(s).sum())
+        report: dict[str, Metric] = {
+            "tokens": (t, "sum"),
+            "slot_counts": (onehot.sum(0), "sum"),
+            "cooccurrence": (onehot.T @ onehot, "sum"),
+            "variance": (float(s.var(-1, unbiased=True).mean()) if e > 1 else 0.0, "mean", t),
+            "routing_entropy": (float(routing_entropy(s).mean()), "mean", t),
+        }
         if domain_ids is not None:
             dom = domain_ids.reshape(-1).to(idx.device)
             if dom.numel() != t:
                 raise ValueError(f"domain_ids has {dom.numel()} entries for {t} routed tokens")
-            d = int(dom.max().item()) + 1 if dom.numel() else 0
-            if d > self.domain_counts.shape[1]:
-                grown = torch.zeros(e, d, dtype=torch.float64)
-                grown[:, : self.domain_counts.shape[1]] = self.domain_counts
-                self.domain_counts = grown
-                self.num_domains = d
             keep = dom >= 0
             if keep.any():
-                joint = (
-                    onehot[keep].T
-                    @ torch.nn.functional.one_hot(dom[keep], self.domain_counts.shape[1]).float()
-                )
-                self.domain_counts += joint.double().cpu()
+                d = int(dom.max().item()) + 1
+                onehot_dom = torch.nn.functional.one_hot(dom[keep], d).float()
+                report["domain_counts"] = (onehot[keep].T @ onehot_dom, "sum")
+        self.window.update(report)
 
     @torch.no_grad()
     def update_overlap(self, overlap_mean: float, tokens: int) -> None:
         """Add the mean |cos| between the k selected outputs over ``tokens`` tokens."""
-        self.overlap_sum += overlap_mean * tokens
-        self.overlap_tokens += tokens
+        self.window.add("output_overlap", overlap_mean, "mean", tokens)
 
     def all_reduce(self, group: object | None = None) -> None:
-        """Sum the window across the ranks of ``group`` (no-op without torch.distributed)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        scalars = torch.tensor(
-            [
-                self.tokens,
-                self.variance_sum,
-                self.entropy_sum,
-                self.overlap_sum,
-                self.overlap_tokens,
-            ],
-            dtype=torch.float64,
-        )
-        d = torch.tensor([float(self.domain_counts.shape[1])], dtype=torch.float64)
-        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
-        if int(d.item()) > self.domain_counts.shape[1]:
-            grown = torch.zeros(self.num_experts, int(d.item()), dtype=torch.float64)
-            grown[:, : self.domain_counts.shape[1]] = self.domain_counts
-            self.domain_counts = grown
-            self.num_domains = int(d.item())
-        flat = torch.cat(
-            [scalars, self.slot_counts, self.cooccurrence.flatten(), self.domain_counts.flatten()]
-        )
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        flat = flat.to(device)
-        dist.all_reduce(flat, group=group)
-        flat = flat.cpu()
-        e = self.num_experts
-        (
-            self.tokens,
-            self.variance_sum,
-            self.entropy_sum,
-            self.overlap_sum,
-            self.overlap_tokens,
-        ) = flat[:5].tolist()
-        self.slot_counts = flat[5 : 5 + e].clone()
-        self.cooccurrence = flat[5 + e : 5 + e + e * e].view(e, e).clone()
-        self.domain_counts = flat[5 + e + e * e :].view(e, -1).clone()
+        """Reduce the window across the ranks of ``group`` (no-op without torch.distributed)."""
+        self.window.all_reduce(group)
 
     def state_dict(self) -> dict[str, Any]:
         """The window's sums, for a checkpoint taken in the middle of a window."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"num_experts": self.num_experts, "window": self.window.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the window that :meth:`state_dict` saved."""
@@ -206,27 +313,33 @@ class RoutingStats:
                 f"routing statistics of {state.get('num_experts')} experts cannot continue a "
                 f"window of {self.num_experts}"
             )
-        for f in fields(self):
-            value = state[f.name]
-            setattr(self, f.name, value.clone() if isinstance(value, torch.Tensor) else value)
+        self.window.load_state_dict(state["window"])
+
+    def reductions(self) -> dict[str, str]:
+        """How each metric of :meth:`compute` combines over layers: its reported reduction;
+        the derived load metrics average, dead experts add up."""
+        own = {n: r for n, r in self.window._reduce.items() if n not in _ROUTING_SUMS}
+        return {"dead_experts": "sum", **own}
 
     def compute(self) -> dict[str, float]:
         """The window's metrics under the names used in logs (without prefix)."""
-        tokens = max(self.tokens, 1.0)
+        counts = self.slot_counts
         out = {
-            "maxvio": max_violation(self.slot_counts),
-            "load_cv": load_cv(self.slot_counts),
-            "dead_experts": float(dead_experts(self.slot_counts)),
-            "load_entropy": load_entropy(self.slot_counts),
-            "routing_entropy": self.entropy_sum / tokens,
-            "variance": self.variance_sum / tokens,
-            "token_overlap": token_set_jaccard(self.cooccurrence),
+            "maxvio": max_violation(counts),
+            "load_cv": load_cv(counts),
+            "dead_experts": float(dead_experts(counts)),
+            "load_entropy": load_entropy(counts),
+            "token_overlap": 0.0,
         }
-        if self.overlap_tokens > 0:
-            out["output_overlap"] = self.overlap_sum / self.overlap_tokens
-        if self.domain_counts.shape[1] > 0 and self.domain_counts.sum() > 0:
-            out["domain_mi"] = domain_mutual_information(self.domain_counts)
-        return out
+        if (co := self.window.get("cooccurrence")) is not None:
+            out["token_overlap"] = token_set_jaccard(co)
+        domain = self.domain_counts
+        if domain.shape[1] > 0 and domain.sum() > 0:
+            out["domain_mi"] = domain_mutual_information(domain)
+        for name, value in self.window.values().items():
+            if name not in _ROUTING_SUMS and isinstance(value, float):
+                out[name] = value
+        return dict(sorted(out.items()))
 
 
 class CollapseMonitor:

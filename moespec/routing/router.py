@@ -8,6 +8,7 @@ walks any model, calibrates β/γ when they are ``"auto"``, and returns the weig
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .config import AUTO, LossConfig, RouterConfig, parse_weight, validate_router_config
+from .config import AUTO, RouterConfig, validate_router_config
 from .metrics import RoutingStats
 
 
@@ -39,30 +40,50 @@ class TokenContext:
     domain_ids: torch.Tensor | None = None
 
 
+#: Buffer names of the loss weights before they were named after their losses.
+LEGACY_WEIGHT_NAMES = {"alpha": "aux", "beta": "orthogonality", "gamma": "variance", "zeta": "z"}
+
+
 class LossWeights(nn.Module):
-    """α, β, γ, ζ as buffers so that calibrated values travel with the checkpoint.
+    """One float64 buffer per routing loss, named after it, so calibration travels with the
+    checkpoint. A weight configured as ``"auto"`` is NaN until calibrated."""
 
-    A weight configured as ``"auto"`` starts as NaN and is set by calibration.
-    """
-
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, active: list[L.ActiveLoss]) -> None:
         super().__init__()
-        self.auto_beta = parse_weight(cfg.orthogonality.weight, "loss.orthogonality.weight") == AUTO
-        self.auto_gamma = parse_weight(cfg.variance.weight, "loss.variance.weight") == AUTO
-        nan = float("nan")
+        self.losses = {a.name: a for a in active}
+        self.auto = {a.name for a in active if a.weight == AUTO}
         #: The configured values; auto weights are NaN until calibrated.
         self.configured = {
-            "alpha": float(cfg.aux.weight),
-            "beta": nan if self.auto_beta else float(cfg.orthogonality.weight),
-            "gamma": nan if self.auto_gamma else float(cfg.variance.weight),
-            "zeta": float(cfg.z.weight),
+            a.name: math.nan if a.weight == AUTO else float(a.weight) for a in active
         }
         for name, value in self.configured.items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64))
 
+    def value(self, name: str) -> float:
+        """The weight of ``name`` in force (NaN while uncalibrated; 0 for an unknown name)."""
+        buf = self._buffers.get(name)
+        return float(buf) if buf is not None else 0.0
+
+    def is_on(self, name: str) -> bool:
+        """True when ``name`` is to be computed for the total: auto, or a weight > 0."""
+        return name in self.auto or self.value(name) > 0
+
+    def coefficient(self, name: str) -> float:
+        """``sign × weight``: how the raw value of ``name`` enters the total."""
+        return self.losses[name].entry.sign * self.value(name)
+
+    def uncalibrated(self) -> list[str]:
+        """The auto weights still NaN, in table order."""
+        return [n for n in self.configured if n in self.auto and math.isnan(self.value(n))]
+
     def needs_calibration(self) -> bool:
         """True while an ``"auto"`` weight has not been calibrated."""
-        return bool(torch.isnan(self.beta)) or bool(torch.isnan(self.gamma))
+        return bool(self.uncalibrated())
+
+    @torch.no_grad()
+    def set(self, name: str, value: float) -> None:
+        """Set the weight of ``name`` (calibration)."""
+        self._buffers[name].fill_(value)
 
     @torch.no_grad()
     def restore(self, calibrated: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
@@ -72,23 +93,35 @@ class LossWeights(nn.Module):
         that the loaded state left uncalibrated takes its value from ``calibrated`` (the trainer
         state's record). Returns ``{name: (loaded, now)}`` for every fixed weight that changed.
         """
+        record = {LEGACY_WEIGHT_NAMES.get(k, k): v for k, v in (calibrated or {}).items()}
         changed = {}
         for name, value in self.configured.items():
-            buf = getattr(self, name)
-            loaded = float(buf)
-            if name in ("beta", "gamma") and getattr(self, f"auto_{name}"):
-                record = (calibrated or {}).get(name, math.nan)
-                if math.isnan(loaded) and math.isfinite(record):
-                    buf.fill_(float(record))  # restored, not changed
+            loaded = self.value(name)
+            if name in self.auto:
+                kept = record.get(name, math.nan)
+                if math.isnan(loaded) and math.isfinite(kept):
+                    self.set(name, float(kept))  # restored, not changed
                 continue
             if value != loaded:
-                buf.fill_(value)
+                self.set(name, value)
                 changed[name] = (loaded, value)
         return changed
 
     def as_dict(self) -> dict[str, float]:
-        """Current weights as floats (NaN when not yet calibrated)."""
-        return {k: float(getattr(self, k)) for k in ("alpha", "beta", "gamma", "zeta")}
+        """Current weights as floats (NaN when not yet calibrated), in table order."""
+        return {name: self.value(name) for name in self.configured}
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        """Load by loss name (legacy α/β/γ/ζ names too); a loss that the checkpoint lacks keeps
+        its configured weight, one the recipe dropped is ignored, so a resumed run may change
+        which losses are on."""
+        for name in self.configured:
+            for key in (name, *[k for k, v in LEGACY_WEIGHT_NAMES.items() if v == name]):
+                if prefix + key in state_dict:
+                    self._buffers[name].copy_(state_dict[prefix + key])
+                    break
 
 
 class Router(nn.Module):
@@ -105,17 +138,19 @@ class Router(nn.Module):
 
     def _init_state(self, hidden_size: int, config: RouterConfig, layer_index: int | None) -> None:
         """Config, loss weights and statistics: everything but the gate weight and the bias."""
-        validate_router_config(config)
+        validate_router_config(config, losses=False)
         self.config = config
         self.hidden_size = hidden_size
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.layer_index = layer_index
-        self.loss_weights = LossWeights(config.loss)
+        self.losses = L.resolve_losses(config.loss)
+        self.loss_weights = LossWeights(self.losses)
         self.stats = RoutingStats(config.num_experts)
         self.token_context: TokenContext | None = None
         self.track_stats = True
         self.raw_losses: dict[str, torch.Tensor] = {}
+        self._loss_inputs: L.LossInputs | None = None
         self.defer_bias_update = False  # True: score-bias updates wait for step_score_bias()
         self._pending_counts: torch.Tensor | None = None
 
@@ -164,36 +199,58 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(select)
 
     def _compute_losses(self, out: RouterOutput) -> None:
-        cfg = self.config.loss
+        """Raw values of the losses that read no expert output; routing statistics."""
         ctx = self.token_context
-        seq_ids = ctx.sequence_ids if (ctx is not None and cfg.aux.scope == "sequence") else None
-        if seq_ids is not None and seq_ids.numel() != out.idx.shape[0]:
-            seq_ids = None
-        raw: dict[str, torch.Tensor] = {}
-        if cfg.aux.scope == "global" and dist.is_available() and dist.is_initialized():
-            raw["aux"] = _global_load_balancing(out.scores, out.idx, self.num_experts)
-        else:
-            raw["aux"] = L.load_balancing_loss(
-                out.scores, out.idx, self.num_experts, sequence_ids=seq_ids
-            )
-        raw["variance"] = L.variance_loss(out.scores)
-        if float(self.loss_weights.zeta) > 0:
-            raw["z"] = L.z_loss(out.logits)
-        self.raw_losses = raw
+        t = out.idx.shape[0]
+        seq_ids = ctx.sequence_ids if ctx is not None else None
+        inputs = L.LossInputs(
+            logits=out.logits,
+            scores=out.scores,
+            idx=out.idx,
+            num_experts=self.num_experts,
+            sequence_ids=seq_ids if seq_ids is not None and seq_ids.numel() == t else None,
+        )
+        self._loss_inputs = inputs
+        w = self.loss_weights
+        self.raw_losses = {
+            a.name: a.entry.compute(inputs, a.config)
+            for a in self.losses
+            if not a.entry.reads_expert_outputs and (a.entry.logged_when_off or w.is_on(a.name))
+        }
         if self.track_stats:
             dom = ctx.domain_ids if ctx is not None else None
-            if dom is not None and dom.numel() != out.idx.shape[0]:
+            if dom is not None and dom.numel() != t:
                 dom = None
             self.stats.update(out.scores.detach(), out.idx.detach(), dom)
 
-    def record_expert_outputs(self, expert_outputs: torch.Tensor) -> None:
-        """Take each token's raw outputs of its k experts [T,k,H]; computes the orthogonality loss."""
-        beta = self.loss_weights.beta
-        wants_loss = self.loss_weights.auto_beta or float(beta) > 0
-        if wants_loss and self.training:
-            self.raw_losses["orthogonality"] = L.orthogonality_loss(
-                expert_outputs, self.config.loss.orthogonality.variant
-            )
+    def wants_expert_outputs(self) -> bool:
+        """True when a loss that is on reads the raw expert outputs (training only)."""
+        w = self.loss_weights
+        return self.training and any(
+            a.entry.reads_expert_outputs and w.is_on(a.name) for a in self.losses
+        )
+
+    def record_expert_outputs(
+        self, expert_outputs: torch.Tensor, kept: torch.Tensor | None = None
+    ) -> None:
+        """Take each token's raw outputs of its k experts [T',k,H] for the losses that read
+        them and the overlap metric; ``kept`` [T] marks the T' tokens they are of (default all)."""
+        if self.wants_expert_outputs():
+            inputs = self._loss_inputs
+            if inputs is None:
+                raise RuntimeError("record_expert_outputs before the router's forward")
+            if kept is not None:
+                inputs = L.LossInputs(
+                    logits=inputs.logits[kept],
+                    scores=inputs.scores[kept],
+                    idx=inputs.idx[kept],
+                    num_experts=inputs.num_experts,
+                    sequence_ids=None if inputs.sequence_ids is None else inputs.sequence_ids[kept],
+                )
+            inputs = dataclasses.replace(inputs, expert_outputs=expert_outputs)
+            for a in self.losses:
+                if a.entry.reads_expert_outputs and self.loss_weights.is_on(a.name):
+                    self.raw_losses[a.name] = a.entry.compute(inputs, a.config)
         if self.track_stats and expert_outputs.shape[0] > 0:
             self.stats.update_overlap(
                 float(L.output_overlap(expert_outputs)), expert_outputs.shape[0]
@@ -234,34 +291,6 @@ class Router(nn.Module):
         return f"hidden={self.hidden_size}, experts={c.num_experts}, top_k={c.top_k}, score={c.score_func}"
 
 
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce (sum) whose gradient is the all-reduced gradient: d(Σ_r x_r)/dx_r = 1."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def _global_load_balancing(
-    scores: torch.Tensor, idx: torch.Tensor, num_experts: int
-) -> torch.Tensor:
-    """Aux loss with f and P averaged over all data-parallel ranks before the product."""
-    world = dist.get_world_size()
-    f, p = L.load_balancing_stats(scores, idx, num_experts)
-    f = f.detach().clone()
-    dist.all_reduce(f)
-    p = _SumAcrossRanks.apply(p.contiguous())
-    return num_experts * ((f / world) * (p / world)).sum()
-
-
 # ---------------------------------------------------------------------- collection
 
 
@@ -299,13 +328,14 @@ def set_token_context(model: nn.Module, context: TokenContext | None) -> None:
 
 @dataclass
 class CollectedLosses:
-    """Weighted total and per-layer raw losses of one forward."""
+    """Weighted total and per-layer raw losses of one forward, by loss name."""
 
     total: torch.Tensor
     per_layer: list[dict[str, float]] = field(default_factory=list)
     means: dict[str, float] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
-    calibrated: dict[str, float] | None = None
+    calibrated: dict[str, float] | None = None  # {name: weight} chosen by this forward
+    calibration_raw: dict[str, float] = field(default_factory=dict)  # {name: raw value}
 
 
 def calibrate_weight(raw_value: float, target: float, name: str = "the loss") -> float:
@@ -333,40 +363,37 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def calibrate(routers: list[Router]) -> dict[str, float] | None:
-    """Set ``"auto"`` β and γ from the current raw losses (mean over layers and ranks).
+def calibrate(routers: list[Router]) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Set ``"auto"`` weights from the current raw losses (mean over layers and ranks).
 
     Calibrates only from a batch where every such router computed the loss on every rank (a
     training forward); after an eval forward the weight stays uncalibrated until the next one.
+    Returns ``({name: weight}, {name: raw value})`` or ``None`` when nothing was set.
     """
     todo = [r for r in routers if r.loss_weights.needs_calibration()]
     if not todo or not all(r.training for r in todo):  # the first *training* batch calibrates
         return None
-    found = {}
-    for name in ("orthogonality", "variance"):
+    names = todo[0].loss_weights.uncalibrated()
+    found = []
+    for name in names:
         vals = [float(r.raw_losses[name].detach()) for r in todo if name in r.raw_losses]
-        found[name] = (sum(vals) / len(vals) if vals else 0.0, float(len(vals) == len(todo)))
-    (mean_lo, has_lo), (mean_lv, has_lv) = found["orthogonality"], found["variance"]
-    mean_lo, mean_lv, has_lo, has_lv = _mean_across_ranks([mean_lo, mean_lv, has_lo, has_lv])
-    cfg = todo[0].config.loss
-    weights = todo[0].loss_weights
-    chosen = {}
-    if weights.auto_beta and math.isnan(float(weights.beta)) and has_lo == 1.0:
-        chosen["beta"] = calibrate_weight(
-            mean_lo, cfg.orthogonality.target, "loss.orthogonality.weight"
-        )
-        chosen["raw_orthogonality"] = mean_lo
-    if weights.auto_gamma and math.isnan(float(weights.gamma)) and has_lv == 1.0:
-        chosen["gamma"] = calibrate_weight(mean_lv, cfg.variance.target, "loss.variance.weight")
-        chosen["raw_variance"] = mean_lv
+        found += [sum(vals) / len(vals) if vals else 0.0, float(len(vals) == len(todo))]
+    found = _mean_across_ranks(found)
+    chosen, raw = {}, {}
+    for i, name in enumerate(names):
+        mean, complete = found[2 * i], found[2 * i + 1]
+        if complete != 1.0:
+            continue
+        active = todo[0].loss_weights.losses[name]
+        key = f"loss.{active.entry.node}.weight"
+        chosen[name] = calibrate_weight(mean, active.target, key)
+        raw[name] = mean
     if not chosen:
         return None
     for r in todo:
-        if "beta" in chosen:
-            r.loss_weights.beta.fill_(chosen["beta"])
-        if "gamma" in chosen:
-            r.loss_weights.gamma.fill_(chosen["gamma"])
-    return chosen
+        for name, value in chosen.items():
+            r.loss_weights.set(name, value)
+    return chosen, raw
 
 
 def restore_loss_weights(
@@ -386,25 +413,18 @@ def restore_loss_weights(
 
 
 def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> CollectedLosses:
-    """Weighted routing loss ``Σ_layers α·aux + β·L_o − γ·L_v + ζ·z`` and per-layer values."""
+    """Weighted routing loss ``Σ_layers Σ_losses sign·weight·raw`` and per-layer raw values."""
     routers = [r for r in iter_routers(model) if r.raw_losses]
-    calibrated = calibrate(routers) if calibrate_auto else None
+    calibration = calibrate(routers) if calibrate_auto else None
     total: torch.Tensor | None = None
     per_layer = []
     sums: dict[str, float] = {}
     for r in routers:
-        w = r.loss_weights
-        weights = {
-            "aux": float(w.alpha),
-            "orthogonality": float(w.beta),
-            "variance": -float(w.gamma),
-            "z": float(w.zeta),
-        }
         layer_vals = {}
         for name, value in r.raw_losses.items():
             layer_vals[name] = float(value.detach())
             sums[name] = sums.get(name, 0.0) + layer_vals[name]
-            coef = weights[name]
+            coef = r.loss_weights.coefficient(name)
             if coef != 0 and math.isfinite(coef) and value.requires_grad:
                 term = coef * value
                 total = term if total is None else total + term
@@ -413,13 +433,13 @@ def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> C
         device = routers[0].weight.device if routers else "cpu"
         total = torch.zeros((), device=device)
     n = max(len(per_layer), 1)
-    ref = routers[0].loss_weights.as_dict() if routers else {}
     return CollectedLosses(
         total=total,
         per_layer=per_layer,
         means={k: v / n for k, v in sums.items()},
-        weights=ref,
-        calibrated=calibrated,
+        weights=routers[0].loss_weights.as_dict() if routers else {},
+        calibrated=calibration[0] if calibration else None,
+        calibration_raw=calibration[1] if calibration else {},
     )
 
 

@@ -19,7 +19,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..routing.losses import LOSSES
 from .logging import run_level
+
+#: Metric names of runs logged before the loss weights were named after their losses.
+LEGACY_KEYS = {
+    "weights/alpha": "weights/aux",
+    "weights/beta": "weights/orthogonality",
+    "weights/gamma": "weights/variance",
+    "weights/zeta": "weights/z",
+}
 
 #: (metric key, label, which way is better: "lower", "higher" or None)
 TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
@@ -32,8 +41,6 @@ TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("routing/maxvio", "MaxVio (load imbalance)", None),
     ("routing/load_cv", "load CV", None),
     ("routing/dead_experts", "dead experts", None),
-    ("weights/beta", "β (orthogonality weight)", None),
-    ("weights/gamma", "γ (variance weight)", None),
 )
 #: The panels of the curves plot, in order; missing ones are skipped.
 PLOT_METRICS: tuple[str, ...] = (
@@ -87,7 +94,7 @@ def load_run(path: Path) -> Run:
         if "alert" in row:
             run.alerts.append(str(row["alert"]))
         elif "step" in row:
-            by_step[int(row["step"])] = row
+            by_step[int(row["step"])] = {LEGACY_KEYS.get(k, k): v for k, v in row.items()}
     run.history = [by_step[s] for s in sorted(by_step)]
     # The last value of each run-level metric; summary.json (written at the end) wins.
     for row in run.history:
@@ -95,7 +102,8 @@ def load_run(path: Path) -> Run:
     summary = path / "summary.json"
     if summary.is_file():
         try:
-            run.summary.update(json.loads(summary.read_text()))
+            saved = json.loads(summary.read_text())
+            run.summary.update({LEGACY_KEYS.get(k, k): v for k, v in saved.items()})
         except json.JSONDecodeError as err:
             raise CompareError(f"{summary}: not JSON ({err.msg})") from None
     overrides = path / ".hydra" / "overrides.yaml"
@@ -178,7 +186,32 @@ def table_rows(runs: list[Run]) -> list[tuple[str, str, str | None]]:
     rows = list(TABLE_METRICS[:1])
     rows += [(f"val/loss/{d}", f"validation loss: {d}", "lower") for d in domains]
     rows += TABLE_METRICS[1:]
+    rows += loss_rows({k for r in runs for k in r.summary})
     return [row for row in rows if any(row[0] in r.summary for r in runs)]
+
+
+def loss_rows(keys: set[str]) -> list[tuple[str, str, str | None]]:
+    """Rows from the loss table: the weight of each calibrating loss (``β (orthogonality
+    weight)``), and the raw value of each loss that is not built in; unknown names last."""
+    known = [n for n in LOSSES if f"weights/{n}" in keys or f"loss/{n}" in keys]
+    others = sorted(
+        {k.split("/", 1)[1] for k in keys if k.startswith(("weights/", "loss/"))} - set(LOSSES)
+    )
+    rows: list[tuple[str, str, str | None]] = []
+    for name in known + others:
+        entry = LOSSES.get(name)
+        if entry is None or not entry.builtin:
+            rows.append((f"loss/{name}", f"{name} loss", None))
+        if entry is None or entry.calibrates:
+            symbol = f"{entry.symbol} " if entry is not None and entry.symbol else ""
+            rows.append(
+                (
+                    f"weights/{name}",
+                    f"{symbol}({name} weight)" if symbol else f"{name} weight",
+                    None,
+                )
+            )
+    return rows
 
 
 def markdown_table(runs: list[Run], labels: list[str] | None = None) -> str:
