@@ -51,9 +51,11 @@ def test_smoke_override_reaches_router(run_train, read_metrics, tmp_path):
     assert keys >= REQUIRED_KEYS, REQUIRED_KEYS - keys
     assert {"layer0/routing/maxvio", "layer1/loss/orthogonality", "val/loss"} <= keys
     assert any(k.startswith("val/loss/") for k in keys)
-    assert all(r["weights/beta"] == pytest.approx(0.37) for r in rows if "weights/beta" in r)
+    logged = [r["weights/orthogonality"] for r in rows if "train/loss" in r]
+    assert logged and all(w == pytest.approx(0.37) for w in logged)
     # The router that trained carried 0.37: its buffer is in the checkpointed module state.
-    betas = [v for k, v in _model_states(run_dir).items() if k.endswith("loss_weights.beta")]
+    states = _model_states(run_dir).items()
+    betas = [v for k, v in states if k.endswith("loss_weights.orthogonality")]
     assert len(betas) == 2 and all(float(b) == pytest.approx(0.37) for b in betas)
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

@@ -13,37 +13,31 @@ import numpy as np
 
 log = logging.getLogger("moespec")
 
-ROUTING_KEYS = ("maxvio", "variance", "output_overlap", "load_cv", "dead_experts", "domain_mi")
-
 
 def run_level(metrics: dict[str, float]) -> dict[str, float]:
     """The run-level entries of a metrics row (``group/name``; no ``layer{i}/...``, no step)."""
     return {k: v for k, v in metrics.items() if "/" in k and not k.startswith("layer")}
 
 
-#: Run-level routing metrics that add up over layers instead of averaging.
-SUMMED = frozenset({"dead_experts"})
+_ACROSS_LAYERS = {"sum": np.sum, "mean": np.mean, "max": np.max}
 
 
-def routing_metrics(per_layer: list[dict[str, float]]) -> dict[str, float]:
-    """``routing/<name>`` (mean over layers; dead experts: sum) and ``layer{i}/routing/<name>``."""
+def routing_metrics(
+    per_layer: list[dict[str, float]], reductions: dict[str, str] | None = None
+) -> dict[str, float]:
+    """``layer{i}/routing/<name>`` and ``routing/<name>``: the layers reduced by each metric's
+    own reduction (``reductions``; mean where none is given, dead experts summed)."""
+    reductions = {"dead_experts": "sum", **(reductions or {})}
     out: dict[str, float] = {}
     names = sorted({k for m in per_layer for k in m})
     for name in names:
         vals = [m[name] for m in per_layer if name in m]
         if vals:
-            out[f"routing/{name}"] = float(np.sum(vals) if name in SUMMED else np.mean(vals))
+            reduce = _ACROSS_LAYERS[reductions.get(name, "mean")]
+            out[f"routing/{name}"] = float(reduce(vals))
         for i, m in enumerate(per_layer):
             if name in m:
                 out[f"layer{i}/routing/{name}"] = float(m[name])
-    return out
-
-
-def loss_metrics(means: dict[str, float], per_layer: list[dict[str, float]]) -> dict[str, float]:
-    """``loss/<name>`` (mean over layers, unweighted) and ``layer{i}/loss/<name>``."""
-    out = {f"loss/{k}": float(v) for k, v in means.items()}
-    for i, layer in enumerate(per_layer):
-        out.update({f"layer{i}/loss/{k}": float(v) for k, v in layer.items()})
     return out
 
 

@@ -1,7 +1,9 @@
 """The training loop: a DeepSpeed engine over a MoE LM with moespec's routing losses.
 
-One function, :func:`train`, takes a resolved :class:`TrainConfig` and a run directory. It
-runs unchanged as one plain process, under ``torchrun`` and under the ``deepspeed`` launcher.
+:func:`train` takes a resolved :class:`TrainConfig` and a run directory, sets up the engine and
+runs the :class:`Trainer`'s step loop; logging, evaluation, checkpoints, heat maps, the collapse
+alarm and progress are callbacks (``moespec.train.callbacks``). It runs unchanged as one
+plain process, under ``torchrun`` and under the ``deepspeed`` launcher.
 """
 
 from __future__ import annotations
@@ -25,20 +27,19 @@ from ..routing import (
     TokenContext,
     clear_router_losses,
     collect_router_losses,
-    collect_routing_stats,
     iter_routers,
     restore_loss_weights,
     set_token_context,
     step_score_biases,
     validate_loss_config,
 )
-from ..routing.metrics import CollapseMonitor, load_fraction
 from . import checkpoint as ckpt
+from .callbacks import Callback, MicroBatch, default_callbacks
 from .compare import CompareError, load_run
 from .config import TrainConfig
 from .data import DataBundle, batch_iterator, build_data, validate_data_config
 from .launch import free_port
-from .logging import MetricsLogger, loss_metrics, routing_metrics, run_level
+from .logging import MetricsLogger, run_level
 
 log = logging.getLogger("moespec")
 
@@ -71,7 +72,8 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) a list of floats over every rank."""
     t = torch.tensor(
         values, dtype=torch.float64, device=_device() if dist.get_backend() == "nccl" else "cpu"
     )
@@ -177,118 +179,138 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return conf
 
 
-# ------------------------------------------------------------------------ statistics
+# ------------------------------------------------------------------------------ loop
 
 
-def window_statistics(
-    model: nn.Module,
-) -> tuple[list[dict[str, float]], np.ndarray, np.ndarray | None]:
-    """Per-layer metrics, load fractions [L,E] and expert×domain counts [L,E,D]; new window."""
-    per_layer = collect_routing_stats(model, reset=False)
-    routers = iter_routers(model)
-    loads = [load_fraction(r.stats.slot_counts).numpy() for r in routers]
-    joints = [r.stats.domain_counts.numpy() for r in routers]
-    for r in routers:
-        r.stats.reset()
-    load = np.stack(loads) if loads else np.zeros((0, 0))
-    width = max((j.shape[1] for j in joints), default=0)
-    joint = (
-        np.stack([np.pad(j, ((0, 0), (0, width - j.shape[1]))) for j in joints]) if width else None
-    )
-    return per_layer, load, joint
+class Trainer:
+    """The step loop over a DeepSpeed engine; everything around it is a :class:`Callback`.
 
-
-@torch.no_grad()
-def evaluate(
-    engine: Any, model: nn.Module, data: DataBundle, cfg: TrainConfig, rank: int, world: int
-) -> dict[str, float]:
-    """Validation loss, overall and per domain, over ``trainer.eval_batches`` batches per rank."""
-    model.eval()
-    for r in iter_routers(model):
-        r.track_stats = False
-    num_domains = len(data.domains)
-    sums = np.zeros(2 + 2 * num_domains)
-    batches = min(
-        cfg.trainer.eval_batches, len(data.val) // (cfg.deepspeed.micro_batch_size * world)
-    )
-    it = batch_iterator(
-        data.val, cfg.deepspeed.micro_batch_size, seed=0, rank=rank, world_size=world, num_epochs=1
-    )
-    device = _device()
-    for _ in range(batches):
-        batch = next(it)
-        out = engine(batch["input_ids"].to(device), batch["labels"].to(device))
-        tl = out.token_losses.float().cpu()
-        sums[0] += float(tl.sum())
-        sums[1] += tl.numel()
-        dom = batch["domain_ids"]
-        for d in range(num_domains):
-            mask = dom == d
-            sums[2 + 2 * d] += float(tl[mask].sum())
-            sums[3 + 2 * d] += float(mask.sum())
-    clear_router_losses(model)
-    for r in iter_routers(model):
-        r.track_stats = True
-    model.train()
-    sums = np.array(_all_reduce(sums.tolist()))
-    if batches == 0 or sums[1] == 0:
-        return {}
-    out = {"val/loss": sums[0] / sums[1]}
-    for d, name in enumerate(data.domains):
-        if sums[3 + 2 * d] > 0:
-            out[f"val/loss/{name}"] = sums[2 + 2 * d] / sums[3 + 2 * d]
-    return out
-
-
-def _restore_window(
-    window: dict[str, Any] | None,
-    acc: np.ndarray,
-    routers: list[Any],
-    monitor: CollapseMonitor,
-) -> None:
-    """Continue the logging window that a checkpoint cut (sums, routing statistics, alarms).
-
-    Only with the world size of the run that saved it; otherwise the window starts afresh.
+    Callbacks read the run (``cfg``, ``model``, ``engine``, ``data``, ``logger``) and the
+    step (``step``, ``is_log_step``, ``metrics``, ``window``) from here.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if not window or len(window["routing"]) != len(routers) or window.get("world") != world:
-        return
-    acc[:] = window["acc"]
-    for router, stats in zip(routers, window["routing"]):
-        router.stats.load_state_dict(stats)
-    monitor.load_state_dict(window["monitor"])
 
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, engine: Any, model: nn.Module, data: DataBundle,
+        scheduler: Any, rank: int, world: int, callbacks: list[Callback],
+    ) -> None:  # fmt: skip
+        self.cfg, self.run_dir, self.engine, self.model = cfg, run_dir, engine, model
+        self.data, self.scheduler, self.rank, self.world = data, scheduler, rank, world
+        self.callbacks = callbacks
+        self.device = _device()
+        self.ckpt_root = run_dir / "checkpoints"
+        self.total_steps = cfg.trainer.max_steps
+        self.start_step = self.step = 0
+        self.step_seconds = 0.0
+        self.metrics: dict[str, float] = {}  # this step's figures, filled by callbacks
+        self.last: dict[str, float] = {}  # the latest value of every figure logged
+        self.window: Any = None  # the logging window closed at this step (callbacks.window)
+        self.should_stop = False
+        self.batches = batch_iterator(
+            data.train, cfg.deepspeed.micro_batch_size, seed=cfg.data.seed, rank=rank,
+            world_size=world,
+        )  # fmt: skip
+        routers = iter_routers(model)
+        self.loss_weights = routers[0].loss_weights.as_dict() if routers else {}
+        self.logger: MetricsLogger | None = None
 
-# ------------------------------------------------------------------------------ train
+    @property
+    def is_log_step(self) -> bool:
+        return self.step % self.cfg.trainer.log_every == 0 or self.is_last_step
 
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == self.total_steps
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
-    """Train with the recipe ``cfg``, writing logs, plots and checkpoints under ``run_dir``."""
-    import deepspeed
+    def callback_states(self) -> dict[str, Any]:
+        """This rank's state of every callback, for a checkpoint."""
+        states = {cb.name: cb.state_dict(self) for cb in self.callbacks}
+        return {"world": self.world, "callbacks": {k: v for k, v in states.items() if v}}
 
-    rank, world = init_distributed()
-    validate_recipe(cfg)
-    torch.manual_seed(cfg.trainer.seed)
-    np.random.seed(cfg.trainer.seed)
-    if cfg.moe.ep_size > world:
-        raise TrainingError(
-            f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched"
+    def load_callback_states(self, rank_state: dict[str, Any]) -> None:
+        """Continue the callbacks' states of a checkpoint saved with the same world size."""
+        if rank_state.get("world") != self.world:
+            return  # the window starts afresh
+        saved = rank_state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.name in saved:
+                cb.load_state_dict(self, saved[cb.name])
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def micro_batch(self, batch: dict[str, torch.Tensor]) -> MicroBatch:
+        """Forward, routing losses, backward and engine step of one micro-batch."""
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        b, s = ids.shape
+        set_token_context(
+            self.model,
+            TokenContext(
+                sequence_ids=torch.arange(b, device=self.device).repeat_interleave(s),
+                domain_ids=batch["domain_ids"].reshape(-1).to(self.device),
+            ),
         )
+        out = self.engine(ids, labels)
+        routed = collect_router_losses(self.model)
+        if routed.calibrated and self.rank == 0:
+            log.info("calibrated loss weights: %s", _calibration_text(routed))
+        loss = out.loss + routed.total
+        lm, tot = float(out.lm_loss.detach()), float(loss.detach())
+        finite = all_reduce_floats([0.0 if math.isfinite(tot) else 1.0], op="max")[0] == 0.0
+        if not finite and self.cfg.trainer.fail_on_nonfinite:
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            raise TrainingError(
+                f"non-finite loss at step {self.step} (lm={lm:.4g}, total={tot:.4g}); stopped "
+                f"without saving; last complete checkpoint: {latest or 'none'}"
+            )
+        self.engine.backward(loss)
+        self.engine.step()
+        clear_router_losses(self.model)
+        self.loss_weights = routed.weights or self.loss_weights
+        return MicroBatch(loss=tot, lm_loss=lm, routed=routed, tokens=b * s)
 
-    # Data: rank 0 builds the cache, the others read it after the barrier.
-    data = None
+    def fit(self) -> None:
+        """Run the steps after ``start_step`` up to ``trainer.max_steps`` (or a stop)."""
+        self._call("on_train_start")
+        gas = self.cfg.deepspeed.gradient_accumulation_steps
+        for step in range(self.start_step + 1, self.total_steps + 1):
+            self.step, self.metrics, self.window = step, {}, None
+            started = time.perf_counter()
+            for _ in range(gas):
+                self._call("on_micro_batch", self.micro_batch(next(self.batches)))
+            step_score_biases(self.model)
+            self.step_seconds = time.perf_counter() - started
+            self._call("on_step_end")
+            if self.should_stop:
+                break
+        self._call("on_train_end")
+
+
+def _calibration_text(routed: Any) -> str:
+    return ", ".join(
+        f"{name}={w:.4g} (raw {routed.calibration_raw.get(name, math.nan):.4g})"
+        for name, w in (routed.calibrated or {}).items()
+    )
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _build_data(cfg: TrainConfig, rank: int) -> DataBundle:
+    """Rank 0 builds the data cache, the others read it after the barrier."""
     hf_tok = None
     if cfg.model.type == "hf":  # the HF model's own tokenizer, when its directory has one
         from ..models.hf_train import hf_data_tokenizer
 
         hf_tok = hf_data_tokenizer(cfg)
-    if rank == 0:
-        data = build_data(cfg.data, rank=0, tokenizer=hf_tok)
+    data = build_data(cfg.data, rank=0, tokenizer=hf_tok) if rank == 0 else None
     dist.barrier()
-    if rank != 0:
-        data = build_data(cfg.data, rank=rank, tokenizer=hf_tok)
-    assert data is not None
-    vocab = len(data.tokenizer)
+    return data if data is not None else build_data(cfg.data, rank=rank, tokenizer=hf_tok)
+
+
+def _build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
+    """Model, AdamW with warmup-cosine, and the DeepSpeed engine around them."""
+    import deepspeed
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, vocab).to(_device())
@@ -303,202 +325,108 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
-    gas = cfg.deepspeed.gradient_accumulation_steps
+    return engine, model, scheduler
+
+
+def _resume(trainer: Trainer, resume_from: Path) -> None:
+    """Load a checkpoint into the engine, the sampler, the loss weights and the callbacks."""
+    root = trainer.ckpt_root
+    if trainer.rank == 0:
+        for moved in ckpt.set_aside_newer(root, resume_from):
+            log.warning("newer than the resume point, set aside: %s", moved)
+    dist.barrier()
+    state = ckpt.load_checkpoint(trainer.engine, resume_from)
+    trainer.start_step = state["step"]
+    trainer.batches.load_state_dict(state["sampler"])
+    changed = restore_loss_weights(trainer.model, state.get("weights"))
+    trainer.load_callback_states(state["rank"])
+    routers = iter_routers(trainer.model)
+    trainer.loss_weights = routers[0].loss_weights.as_dict() if routers else {}
+    if trainer.rank == 0:
+        log.info("resumed from %s (step %d)", resume_from, trainer.start_step)
+        for name, (loaded, now) in changed.items():
+            log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
+
+
+def _open_logger(trainer: Trainer, resumed: bool) -> None:
+    """The run's metrics.jsonl/wandb logger; a resumed run continues its history."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    trainer.logger = MetricsLogger(
+        run_dir, cfg.wandb, config_dict, cfg.run_name or run_dir.name,
+        enabled=trainer.rank == 0, resume=resumed,
+    )  # fmt: skip
+    if not resumed:
+        return
+    if moved := trainer.logger.rewind(trainer.start_step):
+        log.warning(
+            "%d metrics rows after step %d moved to metrics.superseded.jsonl",
+            moved, trainer.start_step,
+        )  # fmt: skip
+    if trainer.rank == 0 and (run_dir / "metrics.jsonl").is_file():
+        try:  # the summary starts from what the run logged before (e.g. its last eval)
+            trainer.last = load_run(run_dir).summary
+        except CompareError as err:
+            log.warning("the summary starts afresh: %s", err)
+
+
+def _finish(trainer: Trainer) -> dict[str, float]:
+    """Export (HF models), write summary.json and close the logger."""
+    if hasattr(trainer.model, "export_pretrained"):  # collective under expert parallel
+        trainer.model.export_pretrained(trainer.run_dir / "hf_model")
+    summary = run_level(trainer.last)
+    run_dir = trainer.run_dir
+    if trainer.rank == 0:
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        plots = list((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
+        log.info(
+            "run directory %s; %d heat maps; wandb %s",
+            run_dir, len(plots), trainer.logger.wandb_dir or "off",
+        )  # fmt: skip
+    trainer.logger.finish(summary)
+    return summary
+
+
+def train(
+    cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None = None
+) -> dict[str, float]:
+    """Train with the recipe ``cfg``, writing logs, plots and checkpoints under ``run_dir``.
+
+    ``callbacks`` run after the default ones (:func:`~moespec.train.callbacks.default_callbacks`).
+    """
+    rank, world = init_distributed()
+    validate_recipe(cfg)
+    torch.manual_seed(cfg.trainer.seed)
+    np.random.seed(cfg.trainer.seed)
+    if cfg.moe.ep_size > world:
+        raise TrainingError(
+            f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched"
+        )
+    data = _build_data(cfg, rank)
+    engine, model, scheduler = _build_engine(cfg, len(data.tokenizer))
     micro = cfg.deepspeed.micro_batch_size
     if len(data.train) < micro * world:
         raise TrainingError(
             f"only {len(data.train)} training sequences for {world} rank(s) × micro batch {micro}; "
             "lower deepspeed.micro_batch_size or data.seq_len"
         )
-
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = ckpt.resolve_resume(cfg.trainer.resume, ckpt_root)
-    routers = iter_routers(model)
-    for r in routers:  # the score-correction bias moves once per optimizer step
+    trainer = Trainer(
+        cfg, run_dir, engine, model, data, scheduler, rank, world,
+        default_callbacks() + list(callbacks or []),
+    )  # fmt: skip
+    for r in iter_routers(model):  # the score-correction bias moves once per optimizer step
         r.defer_bias_update = True
-    monitor = CollapseMonitor(patience=cfg.trainer.collapse_patience)
-    acc = np.zeros(6)  # lm, total, aux, orth, var, count: sums over the logging window
-    start_step, sampler_state = 0, None
+    resume_from = ckpt.resolve_resume(cfg.trainer.resume, trainer.ckpt_root)
     if resume_from is not None:
-        if rank == 0:
-            for moved in ckpt.set_aside_newer(ckpt_root, resume_from):
-                log.warning("newer than the resume point, set aside: %s", moved)
-        dist.barrier()
-        state = ckpt.load_checkpoint(engine, resume_from)
-        start_step, sampler_state = state["step"], state["sampler"]
-        changed = restore_loss_weights(model, state.get("weights"))
-        _restore_window(state["rank"].get("window"), acc, routers, monitor)
-        if rank == 0:
-            log.info("resumed from %s (step %d)", resume_from, start_step)
-            for name, (loaded, now) in changed.items():
-                log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
+        _resume(trainer, resume_from)
     done = run_dir / "summary.json"
-    if start_step >= total and done.is_file():
+    if trainer.start_step >= trainer.total_steps and done.is_file():
         if rank == 0:
             log.info(
                 "the run already finished (step %d of trainer.max_steps=%d); nothing to do",
-                start_step,
-                total,
-            )
+                trainer.start_step, trainer.total_steps,
+            )  # fmt: skip
         return json.loads(done.read_text())
-    batches = batch_iterator(data.train, micro, seed=cfg.data.seed, rank=rank, world_size=world)
-    if sampler_state is not None:
-        batches.load_state_dict(sampler_state)
-
-    def save(step: int) -> None:
-        state = {"step": step, "sampler": batches.state_dict(), "weights": last_weights}
-        window = {
-            "world": world,
-            "acc": acc.tolist(),
-            "routing": [r.stats.state_dict() for r in routers],
-            "monitor": monitor.state_dict(),
-        }
-        ckpt.save_checkpoint(
-            engine, ckpt_root, step, state, cfg.trainer.keep_checkpoints, {"window": window}
-        )
-
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    run_name = cfg.run_name or run_dir.name
-    logger = MetricsLogger(
-        run_dir, cfg.wandb, config_dict, run_name, enabled=rank == 0, resume=resume_from is not None
-    )
-    if resume_from is not None and (moved := logger.rewind(start_step)):
-        log.warning(
-            "%d metrics rows after step %d moved to metrics.superseded.jsonl", moved, start_step
-        )
-    bar = None
-    if rank == 0 and cfg.trainer.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
-
-    device = _device()
-    # A resumed run's summary starts from what the run logged before (e.g. its last eval).
-    last: dict[str, float] = {}
-    if resume_from is not None and rank == 0 and (run_dir / "metrics.jsonl").is_file():
-        try:
-            last = load_run(run_dir).summary
-        except CompareError as err:
-            log.warning("the summary starts afresh: %s", err)
-    last_weights = routers[0].loss_weights.as_dict() if routers else {}
-    t0, tokens_seen = time.perf_counter(), 0
-    for step in range(start_step + 1, total + 1):
-        for _ in range(gas):
-            batch = next(batches)
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            b, s = ids.shape
-            set_token_context(
-                model,
-                TokenContext(
-                    sequence_ids=torch.arange(b, device=device).repeat_interleave(s),
-                    domain_ids=batch["domain_ids"].reshape(-1).to(device),
-                ),
-            )
-            out = engine(ids, labels)
-            routed = collect_router_losses(model)
-            if routed.calibrated and rank == 0:
-                log.info("calibrated loss weights: %s", routed.calibrated)
-            loss = out.loss + routed.total
-            lm, tot = float(out.lm_loss.detach()), float(loss.detach())
-            finite = _all_reduce([0.0 if math.isfinite(tot) else 1.0], op="max")[0] == 0.0
-            if not finite and cfg.trainer.fail_on_nonfinite:
-                latest = ckpt.latest_checkpoint(ckpt_root)
-                raise TrainingError(
-                    f"non-finite loss at step {step} (lm={lm:.4g}, total={tot:.4g}); stopped without saving; "
-                    f"last complete checkpoint: {latest or 'none'}"
-                )
-            engine.backward(loss)
-            engine.step()
-            clear_router_losses(model)
-            m = routed.means
-            acc += [
-                lm,
-                tot,
-                m.get("aux", 0.0),
-                m.get("orthogonality", 0.0),
-                m.get("variance", 0.0),
-                1,
-            ]
-            tokens_seen += b * s
-            last_layers = routed.per_layer
-            last_weights = routed.weights
-        step_score_biases(model)
-        if bar is not None:
-            bar.update(1)
-
-        metrics: dict[str, float] = {}
-        if step % cfg.trainer.log_every == 0 or step == total:
-            red = _all_reduce(acc.tolist())
-            n = max(red[5], 1.0)
-            per_layer, load, joint = window_statistics(model)
-            elapsed = time.perf_counter() - t0
-            metrics = {
-                "train/loss": red[1] / n,
-                "train/lm_loss": red[0] / n,
-                "loss/aux": red[2] / n,
-                "loss/orthogonality": red[3] / n,
-                "loss/variance": red[4] / n,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
-                "weights/alpha": last_weights.get("alpha", 0.0),
-                "weights/beta": last_weights.get("beta", 0.0),
-                "weights/gamma": last_weights.get("gamma", 0.0),
-            }
-            metrics.update({k: v for k, v in loss_metrics({}, last_layers).items()})
-            metrics.update(routing_metrics(per_layer))
-            for alarm in monitor.update(per_layer):
-                logger.alert(step, alarm)
-            # Heat maps show a logging window: the one holding each multiple of plot_every.
-            window_start = (step - 1) // cfg.trainer.log_every * cfg.trainer.log_every
-            plot_now = step // cfg.trainer.plot_every > window_start // cfg.trainer.plot_every
-            if (plot_now or step == total) and rank == 0:
-                logger.heatmaps(step, load, joint, data.domains)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}",
-                    aux=f"{metrics['loss/aux']:.3f}",
-                    orth=f"{metrics['loss/orthogonality']:.3f}",
-                    var=f"{metrics['loss/variance']:.4f}",
-                    maxvio=f"{metrics.get('routing/maxvio', 0):.2f}",
-                )
-            acc[:] = 0
-            t0, tokens_seen = time.perf_counter(), 0
-        if step % cfg.trainer.eval_every == 0 or step == total:
-            metrics.update(evaluate(engine, model, data, cfg, rank, world))
-        if metrics:
-            logger.log(step, metrics)
-            last.update(metrics)
-
-        stopping = bool(cfg.trainer.stop_after) and cfg.trainer.stop_after <= step < total
-        every = cfg.trainer.save_every
-        if (every and step % every == 0) or step == total or stopping:
-            save(step)
-        if stopping:
-            if rank == 0:
-                log.info(
-                    "stopping after step %d of %d (trainer.stop_after); resume with trainer.resume=auto",
-                    step,
-                    total,
-                )
-            break
-
-    if bar is not None:
-        bar.close()
-    if hasattr(model, "export_pretrained"):  # collective under expert parallel; rank 0 writes
-        model.export_pretrained(run_dir / "hf_model")
-    summary = run_level(last)
-    if rank == 0:
-        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-        plots = (
-            sorted(str(p) for p in (run_dir / "plots").glob("*.png"))
-            if (run_dir / "plots").is_dir()
-            else []
-        )
-        log.info(
-            "run directory %s; %d heat maps; wandb %s",
-            run_dir,
-            len(plots),
-            logger.wandb_dir or "off",
-        )
-    logger.finish(summary)
-    return summary
+    _open_logger(trainer, resumed=resume_from is not None)
+    trainer.fit()
+    return _finish(trainer)

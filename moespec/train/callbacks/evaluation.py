@@ -1,0 +1,66 @@
+"""Validation loss, overall and per domain, every ``trainer.eval_every`` steps and at the end."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ...routing import clear_router_losses, iter_routers
+from ..data import DataBundle, batch_iterator
+from .base import Callback
+
+if TYPE_CHECKING:
+    from ..trainer import Trainer
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, data: DataBundle) -> dict[str, float]:
+    """``val/loss`` and ``val/loss/<domain>`` over ``trainer.eval_batches`` batches per rank."""
+    from ..trainer import all_reduce_floats
+
+    cfg, model, world = trainer.cfg, trainer.model, trainer.world
+    model.eval()
+    for r in iter_routers(model):
+        r.track_stats = False
+    num_domains = len(data.domains)
+    sums = np.zeros(2 + 2 * num_domains)
+    micro = cfg.deepspeed.micro_batch_size
+    batches = min(cfg.trainer.eval_batches, len(data.val) // (micro * world))
+    it = batch_iterator(data.val, micro, seed=0, rank=trainer.rank, world_size=world, num_epochs=1)
+    for _ in range(batches):
+        batch = next(it)
+        out = trainer.engine(
+            batch["input_ids"].to(trainer.device), batch["labels"].to(trainer.device)
+        )
+        tl = out.token_losses.float().cpu()
+        sums[0] += float(tl.sum())
+        sums[1] += tl.numel()
+        dom = batch["domain_ids"]
+        for d in range(num_domains):
+            mask = dom == d
+            sums[2 + 2 * d] += float(tl[mask].sum())
+            sums[3 + 2 * d] += float(mask.sum())
+    clear_router_losses(model)
+    for r in iter_routers(model):
+        r.track_stats = True
+    model.train()
+    sums = np.array(all_reduce_floats(sums.tolist()))
+    if batches == 0 or sums[1] == 0:
+        return {}
+    out = {"val/loss": sums[0] / sums[1]}
+    for d, name in enumerate(data.domains):
+        if sums[3 + 2 * d] > 0:
+            out[f"val/loss/{name}"] = sums[2 + 2 * d] / sums[3 + 2 * d]
+    return out
+
+
+class Evaluation(Callback):
+    """Adds the validation figures to the step's metrics on its own schedule."""
+
+    name = "evaluation"
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step % trainer.cfg.trainer.eval_every == 0 or trainer.is_last_step:
+            trainer.metrics.update(evaluate(trainer, trainer.data))
