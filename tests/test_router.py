@@ -325,3 +325,42 @@ def test_deferred_score_bias_moves_once_per_step():
     torch.testing.assert_close(r.score_correction_bias, 0.1 * (counts.mean() - counts).sign())
     step_score_biases(r)  # nothing pending: no second move
     torch.testing.assert_close(r.score_correction_bias, 0.1 * (counts.mean() - counts).sign())
+
+
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_padding_takes_no_part_in_losses_or_statistics(scope):
+    """The same tokens with and without padding (the token context's mask): equal raw losses,
+    equal statistics, equal calibration input."""
+    loss = LossConfig()
+    loss.aux.scope = scope
+    loss.orthogonality.weight, loss.variance.weight, loss.z.weight = "auto", "auto", 1e-3
+    torch.manual_seed(5)
+    layer = MoELayer(12, 16, RouterConfig(num_experts=4, top_k=2, loss=loss))
+    real = torch.randn(10, 12)
+    seq = torch.tensor([0] * 6 + [1] * 4)
+    dom = torch.tensor([0, 1] * 5)
+    pad = torch.randn(5, 12) * 3  # padding with its own (large) hidden states
+    runs = []
+    for x, mask, s, d in (
+        (real, None, seq, dom),
+        (torch.cat([real[:6], pad[:3], real[6:], pad[3:]]), None, None, None),
+    ):
+        if mask is None and s is None:  # the padded batch: mask and labels in padded layout
+            mask = torch.tensor([True] * 6 + [False] * 3 + [True] * 4 + [False] * 2)
+            s = torch.tensor([0] * 6 + [7] * 3 + [1] * 4 + [7] * 2)
+            d = torch.tensor([0, 1, 0, 1, 0, 1, -1, -1, -1, 0, 1, 0, 1, -1, -1])
+        set_token_context(layer, TokenContext(sequence_ids=s, domain_ids=d, token_mask=mask))
+        layer.router.stats.reset()
+        layer(x)
+        runs.append(
+            (
+                {k: v.detach() for k, v in layer.router.raw_losses.items()},
+                layer.router.stats.compute(),
+            )
+        )
+    (raw_a, stats_a), (raw_b, stats_b) = runs
+    assert set(raw_a) == {"aux", "orthogonality", "variance", "z"} == set(raw_b)
+    for name in raw_a:
+        torch.testing.assert_close(raw_b[name], raw_a[name], msg=name)
+    assert stats_b == pytest.approx(stats_a)
+    assert layer.router.stats.tokens == 10 and "domain_mi" in stats_a

@@ -96,3 +96,13 @@ def test_user_loss_from_the_command_line(run_train, read_metrics, tmp_path):
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "| entropy weight |" in table.stdout and "| entropy loss |" in table.stdout
+
+
+def test_lm_loss_is_the_mean_over_the_trained_tokens_of_the_step(train_env):
+    """Gradient accumulation 4 with 16, 3, 9 and 0 trained tokens per micro-batch: the step
+    equals one batch of all the examples (no micro-batch reweighted, no NaN)."""
+    worker = ROOT / "tests" / "workers" / "gas_tokens.py"
+    proc = subprocess.run(
+        [sys.executable, str(worker)], env=train_env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -161,10 +161,15 @@ class HFCausalLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         ignore_index: int = -100,
     ) -> LMOutput:
+        """Packed rows: ``position_ids`` restart at each example, and transformers' own packed
+        path (varlen flash attention, or a block-diagonal mask) keeps examples apart;
+        ``document_ids`` are implied by them."""
         config = self.hf_model.config
-        out = self.model(input_ids=input_ids, use_cache=False)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         result = lm_output(out.logits, labels, ignore_index)
         aux = getattr(out, "aux_loss", None)
         if (

@@ -86,13 +86,23 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mask`` [B,1,S,S] (True = may attend) replaces the plain causal mask when given."""
         b, s, _ = x.shape
         q, k, v = (
             self.qkv_proj(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -106,9 +116,26 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = build_moe_layer(cfg.hidden_size, moe, loss, layer_index=index)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), cos, sin, mask)
         return x + self.mlp(self.post_attn_norm(x))
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B,1,S,S] from ``document_ids`` [B,S]: a token attends to
+    the earlier tokens of its own example; padding (-1) attends to itself only."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    real = (document_ids >= 0)[:, :, None]
+    eye = torch.eye(s, dtype=torch.bool, device=document_ids.device)
+    return ((same & real & causal) | eye)[:, None]
 
 
 @dataclass
@@ -185,18 +212,32 @@ class TinyMoELM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         ignore_index: int = -100,
     ) -> LMOutput:
-        """``labels`` are already aligned with ``input_ids`` (label t = token after t)."""
+        """``labels`` are already aligned with ``input_ids`` (label t = token after t).
+
+        Packed rows: ``position_ids`` [B,S] restart at each example and ``document_ids`` [B,S]
+        (-1 on padding) keep attention within each example (a block-diagonal causal mask).
+        """
         b, s = input_ids.shape
         if s > self.config.max_seq_len:
             raise ValueError(
                 f"sequence length {s} exceeds model.max_seq_len={self.config.max_seq_len}"
             )
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope_cos[:s].to(x.device), self.rope_sin[:s].to(x.device)
+        if position_ids is None:
+            cos, sin = self.rope_cos[:s].to(x.device), self.rope_sin[:s].to(x.device)
+        else:  # per-row tables [B,1,S,d/2], broadcast over heads
+            pos = position_ids.to(x.device)
+            cos, sin = (
+                self.rope_cos.to(x.device)[pos][:, None],
+                self.rope_sin.to(x.device)[pos][:, None],
+            )
+        mask = None if document_ids is None else document_mask(document_ids.to(x.device))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         return lm_output(self.lm_head(self.norm(x)), labels, ignore_index)
 
     def num_parameters(self) -> int:

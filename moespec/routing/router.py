@@ -34,10 +34,23 @@ class RouterOutput:
 
 @dataclass
 class TokenContext:
-    """Per-token labels the trainer sets before a forward: sequence and domain ids, flat [T]."""
+    """Per-token labels the trainer sets before a forward, flat [T]: sequence and domain ids,
+    and ``token_mask`` (False on padding, which takes no part in losses or statistics)."""
 
     sequence_ids: torch.Tensor | None = None
     domain_ids: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+
+
+def _select(inputs: L.LossInputs, rows: torch.Tensor) -> L.LossInputs:
+    """The loss inputs of the tokens ``rows`` [T] (bool) selects."""
+    return L.LossInputs(
+        logits=inputs.logits[rows],
+        scores=inputs.scores[rows],
+        idx=inputs.idx[rows],
+        num_experts=inputs.num_experts,
+        sequence_ids=None if inputs.sequence_ids is None else inputs.sequence_ids[rows],
+    )
 
 
 #: Buffer names of the loss weights before they were named after their losses.
@@ -150,7 +163,8 @@ class Router(nn.Module):
         self.token_context: TokenContext | None = None
         self.track_stats = True
         self.raw_losses: dict[str, torch.Tensor] = {}
-        self._loss_inputs: L.LossInputs | None = None
+        self._loss_inputs: L.LossInputs | None = None  # of all T tokens, padding included
+        self._token_mask: torch.Tensor | None = None  # [T] real tokens; None: all
         self.defer_bias_update = False  # True: score-bias updates wait for step_score_bias()
         self._pending_counts: torch.Tensor | None = None
 
@@ -186,7 +200,8 @@ class Router(nn.Module):
         out = RouterOutput(logits=logits, scores=dist_scores, idx=idx, weights=weights)
         self._compute_losses(out)
         if self.training and self.config.score_bias:
-            self._update_score_bias(idx)
+            mask = self._token_mask
+            self._update_score_bias(idx if mask is None else idx[mask])
         return out
 
     def _mask_groups(self, select: torch.Tensor) -> torch.Tensor:
@@ -200,17 +215,26 @@ class Router(nn.Module):
 
     def _compute_losses(self, out: RouterOutput) -> None:
         """Raw values of the losses that read no expert output; routing statistics."""
-        ctx = self.token_context
+        ctx = self.token_context or TokenContext()
         t = out.idx.shape[0]
-        seq_ids = ctx.sequence_ids if ctx is not None else None
+
+        def per_token(ids: torch.Tensor | None) -> torch.Tensor | None:
+            return ids.reshape(-1) if ids is not None and ids.numel() == t else None
+
         inputs = L.LossInputs(
             logits=out.logits,
             scores=out.scores,
             idx=out.idx,
             num_experts=self.num_experts,
-            sequence_ids=seq_ids if seq_ids is not None and seq_ids.numel() == t else None,
+            sequence_ids=per_token(ctx.sequence_ids),
         )
         self._loss_inputs = inputs
+        mask = per_token(ctx.token_mask)
+        self._token_mask = None if mask is None or bool(mask.all()) else mask.bool()
+        dom = per_token(ctx.domain_ids)
+        if self._token_mask is not None:
+            inputs = _select(inputs, self._token_mask)
+            dom = None if dom is None else dom[self._token_mask]
         w = self.loss_weights
         self.raw_losses = {
             a.name: a.entry.compute(inputs, a.config)
@@ -218,10 +242,7 @@ class Router(nn.Module):
             if not a.entry.reads_expert_outputs and (a.entry.logged_when_off or w.is_on(a.name))
         }
         if self.track_stats:
-            dom = ctx.domain_ids if ctx is not None else None
-            if dom is not None and dom.numel() != t:
-                dom = None
-            self.stats.update(out.scores.detach(), out.idx.detach(), dom)
+            self.stats.update(inputs.scores.detach(), inputs.idx.detach(), dom)
 
     def wants_expert_outputs(self) -> bool:
         """True when a loss that is on reads the raw expert outputs (training only)."""
@@ -234,19 +255,17 @@ class Router(nn.Module):
         self, expert_outputs: torch.Tensor, kept: torch.Tensor | None = None
     ) -> None:
         """Take each token's raw outputs of its k experts [T',k,H] for the losses that read
-        them and the overlap metric; ``kept`` [T] marks the T' tokens they are of (default all)."""
+        them and the overlap metric; ``kept`` [T] marks the T' tokens they are of (default all).
+        Padding (the token context's mask) is left out."""
+        inputs, mask = self._loss_inputs, self._token_mask
+        if inputs is None:
+            raise RuntimeError("record_expert_outputs before the router's forward")
+        rows = kept if mask is None else (mask if kept is None else mask & kept)
+        if rows is not None:
+            inputs = _select(inputs, rows)
+            if mask is not None:  # the rows of expert_outputs are those of kept (or all)
+                expert_outputs = expert_outputs[rows if kept is None else rows[kept]]
         if self.wants_expert_outputs():
-            inputs = self._loss_inputs
-            if inputs is None:
-                raise RuntimeError("record_expert_outputs before the router's forward")
-            if kept is not None:
-                inputs = L.LossInputs(
-                    logits=inputs.logits[kept],
-                    scores=inputs.scores[kept],
-                    idx=inputs.idx[kept],
-                    num_experts=inputs.num_experts,
-                    sequence_ids=None if inputs.sequence_ids is None else inputs.sequence_ids[kept],
-                )
             inputs = dataclasses.replace(inputs, expert_outputs=expert_outputs)
             for a in self.losses:
                 if a.entry.reads_expert_outputs and self.loss_weights.is_on(a.name):

@@ -239,22 +239,25 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    def micro_batch(self, batch: dict[str, torch.Tensor]) -> MicroBatch:
-        """Forward, routing losses, backward and engine step of one micro-batch."""
+    def micro_batch(self, batch: dict[str, torch.Tensor], step_tokens: float) -> MicroBatch:
+        """Forward, routing losses, backward and engine step of one micro-batch.
+
+        The LM loss is scaled so that the step's gradient is that of the mean over all
+        ``step_tokens`` trained tokens of its micro-batches and ranks (DeepSpeed averages
+        micro-batches and ranks), however the trained tokens are spread over them.
+        """
         ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        b, s = ids.shape
-        set_token_context(
-            self.model,
-            TokenContext(
-                sequence_ids=torch.arange(b, device=self.device).repeat_interleave(s),
-                domain_ids=batch["domain_ids"].reshape(-1).to(self.device),
-            ),
-        )
-        out = self.engine(ids, labels)
+        inputs = model_inputs(batch, self.device)
+        set_token_context(self.model, token_context(batch, self.device))
+        out = self.engine(ids, labels, **inputs)
         routed = collect_router_losses(self.model)
         if routed.calibrated and self.rank == 0:
             log.info("calibrated loss weights: %s", _calibration_text(routed))
-        loss = out.loss + routed.total
+        trained = int((batch["labels"] != -100).sum())
+        share = self.cfg.deepspeed.gradient_accumulation_steps * self.world / step_tokens
+        scale = trained * share if step_tokens > 0 else 0.0
+        lm_term = out.loss if scale == 1.0 else out.lm_loss * scale + (out.model_aux_loss or 0)
+        loss = lm_term + routed.total
         lm, tot = float(out.lm_loss.detach()), float(loss.detach())
         finite = all_reduce_floats([0.0 if math.isfinite(tot) else 1.0], op="max")[0] == 0.0
         if not finite and self.cfg.trainer.fail_on_nonfinite:
@@ -267,7 +270,15 @@ class Trainer:
         self.engine.step()
         clear_router_losses(self.model)
         self.loss_weights = routed.weights or self.loss_weights
-        return MicroBatch(loss=tot, lm_loss=lm, routed=routed, tokens=b * s)
+        return MicroBatch(loss=tot, lm_loss=lm, routed=routed, tokens=ids.numel(), trained=trained)
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over this rank's micro-batches (``gradient_accumulation_steps``)."""
+        trained = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+        step_tokens = all_reduce_floats([trained])[0]
+        for batch in batches:
+            self._call("on_micro_batch", self.micro_batch(batch, step_tokens))
+        step_score_biases(self.model)
 
     def fit(self) -> None:
         """Run the steps after ``start_step`` up to ``trainer.max_steps`` (or a stop)."""
@@ -276,14 +287,36 @@ class Trainer:
         for step in range(self.start_step + 1, self.total_steps + 1):
             self.step, self.metrics, self.window = step, {}, None
             started = time.perf_counter()
-            for _ in range(gas):
-                self._call("on_micro_batch", self.micro_batch(next(self.batches)))
-            step_score_biases(self.model)
+            self.train_step([next(self.batches) for _ in range(gas)])
             self.step_seconds = time.perf_counter() - started
             self._call("on_step_end")
             if self.should_stop:
                 break
         self._call("on_train_end")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``position_ids``/``document_ids`` of packed rows; nothing for plain causal windows."""
+    docs, pos = batch.get("document_ids"), batch.get("position_ids")
+    if docs is None or pos is None:
+        return {}
+    plain = bool((docs == 0).all()) and bool((pos == torch.arange(pos.shape[1])).all())
+    return {} if plain else {"position_ids": pos.to(device), "document_ids": docs.to(device)}
+
+
+def token_context(batch: dict[str, torch.Tensor], device: torch.device) -> TokenContext:
+    """Per-token sequence (row × example), domain and padding labels for the routers."""
+    ids = batch["input_ids"]
+    b, s = ids.shape
+    seq = torch.arange(b).repeat_interleave(s)
+    if "document_ids" in batch:
+        seq = seq * s + batch["document_ids"].reshape(-1).clamp_min(0)
+    mask = batch.get("attention_mask")
+    return TokenContext(
+        sequence_ids=seq.to(device),
+        domain_ids=batch["domain_ids"].reshape(-1).to(device),
+        token_mask=None if mask is None else mask.reshape(-1).bool().to(device),
+    )
 
 
 def _calibration_text(routed: Any) -> str:

@@ -13,12 +13,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class MicroBatch:
-    """What one forward/backward produced: losses as floats, the routing losses, tokens."""
+    """What one forward/backward produced: losses as floats, the routing losses, tokens
+    (all positions) and trained tokens (labels other than -100)."""
 
     loss: float
     lm_loss: float
     routed: CollectedLosses
     tokens: int
+    trained: int = 0
 
 
 class Callback:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def evaluate(trainer: Trainer, data: DataBundle) -> dict[str, float]:
     """``val/loss`` and ``val/loss/<domain>`` over ``trainer.eval_batches`` batches per rank."""
-    from ..trainer import all_reduce_floats
+    from ..trainer import all_reduce_floats, model_inputs
 
     cfg, model, world = trainer.cfg, trainer.model, trainer.world
     model.eval()
@@ -32,14 +32,17 @@ def evaluate(trainer: Trainer, data: DataBundle) -> dict[str, float]:
     for _ in range(batches):
         batch = next(it)
         out = trainer.engine(
-            batch["input_ids"].to(trainer.device), batch["labels"].to(trainer.device)
+            batch["input_ids"].to(trainer.device),
+            batch["labels"].to(trainer.device),
+            **model_inputs(batch, trainer.device),
         )
-        tl = out.token_losses.float().cpu()
+        trained = batch["labels"] != -100
+        tl = out.token_losses.float().cpu() * trained
         sums[0] += float(tl.sum())
-        sums[1] += tl.numel()
+        sums[1] += float(trained.sum())
         dom = batch["domain_ids"]
         for d in range(num_domains):
-            mask = dom == d
+            mask = (dom == d) & trained
             sums[2 + 2 * d] += float(tl[mask].sum())
             sums[3 + 2 * d] += float(mask.sum())
     clear_router_losses(model)

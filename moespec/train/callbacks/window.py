@@ -65,7 +65,7 @@ class LoggingWindow(Callback):
 
     def on_micro_batch(self, trainer: Trainer, micro: MicroBatch) -> None:
         self.window.add("train/loss", micro.loss)
-        self.window.add("train/lm_loss", micro.lm_loss)
+        self.window.add("train/lm_loss", micro.lm_loss, "mean", count=max(micro.trained, 1))
         for i, layer in enumerate(micro.routed.per_layer):
             for name, value in layer.items():
                 self.window.add(f"layer{i}/loss/{name}", value)
