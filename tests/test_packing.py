@@ -63,3 +63,43 @@ def test_packed_row_equals_each_example_alone():
     torch.testing.assert_close(out.loss.detach(), total, rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(packed_model.named_parameters(), alone_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_row_equals_each_example_alone_hf_qwen3_moe():
+    """A tiny Qwen3-MoE through moespec's HF wrapper: transformers' packed path (from the
+    restarting position ids) keeps the examples apart, loss and gradients as if alone."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moespec.models.hf_train import HFCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "recipes/model/configs/qwen3_moe_tiny.json"
+    raw = json.loads(path.read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config._attn_implementation = "sdpa"
+
+    def build() -> HFCausalLM:
+        torch.manual_seed(0)
+        return HFCausalLM(AutoModelForCausalLM.from_config(config).float())
+
+    examples = [(ids % config.vocab_size, labels) for ids, labels in _examples()]
+    ids = torch.cat([e[0] for e in examples])[None]
+    labels = torch.cat([e[1] for e in examples])[None]
+    pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    trained = int((labels != -100).sum())
+    packed = build()
+    out = packed(ids, labels, position_ids=pos)
+    out.loss.backward()
+    alone = build()
+    total = torch.zeros(())
+    for e_ids, e_labels in examples:
+        o = alone(e_ids[None], e_labels[None])
+        part = (o.token_losses * (e_labels != -100)).sum() / trained
+        part.backward()
+        total = total + part.detach()
+    torch.testing.assert_close(out.loss.detach(), total, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(packed.named_parameters(), alone.parameters()):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
