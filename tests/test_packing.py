@@ -41,28 +41,33 @@ def test_document_mask_is_block_diagonal_causal():
     assert torch.equal(m, want)
 
 
+def assert_packed_equals_alone(build, examples, packed_inputs, ids, labels) -> None:
+    """Loss and every gradient of the packed row equal the sum over examples run alone."""
+    trained = int((labels != -100).sum())
+    packed = build()
+    out = packed(ids, labels, **packed_inputs)
+    out.loss.backward()
+    alone = build()
+    total = torch.zeros(())
+    for e_ids, e_labels in examples:
+        o = alone(e_ids[None], e_labels[None])
+        part = (o.token_losses * (e_labels != -100)).sum() / trained
+        part.backward()
+        total = total + part.detach()
+    torch.testing.assert_close(out.loss.detach(), total, rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(packed.named_parameters(), alone.parameters()):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_packed_row_equals_each_example_alone():
     examples = _examples()
     ids = torch.cat([e[0] for e in examples] + [torch.zeros(1, dtype=torch.long)])[None]
     labels = torch.cat([e[1] for e in examples] + [torch.tensor([-100])])[None]
     pos = torch.cat([torch.arange(n) for n in LENGTHS] + [torch.zeros(1, dtype=torch.long)])[None]
     docs = torch.cat([torch.full((n,), i) for i, n in enumerate(LENGTHS)] + [torch.tensor([-1])])
-    trained = int((labels != -100).sum())
-
-    packed_model = _model()
-    out = packed_model(ids, labels, position_ids=pos, document_ids=docs[None])
-    out.loss.backward()
-
-    alone_model = _model()
-    total = torch.zeros(())
-    for e_ids, e_labels in examples:
-        o = alone_model(e_ids[None], e_labels[None])
-        part = (o.token_losses * (e_labels != -100)).sum() / trained
-        part.backward()
-        total = total + part.detach()
-    torch.testing.assert_close(out.loss.detach(), total, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(packed_model.named_parameters(), alone_model.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    inputs = {"position_ids": pos, "document_ids": docs[None]}
+    assert_packed_equals_alone(_model, examples, inputs, ids, labels)
 
 
 def test_packed_row_equals_each_example_alone_hf_qwen3_moe():
@@ -88,18 +93,4 @@ def test_packed_row_equals_each_example_alone_hf_qwen3_moe():
     ids = torch.cat([e[0] for e in examples])[None]
     labels = torch.cat([e[1] for e in examples])[None]
     pos = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    trained = int((labels != -100).sum())
-    packed = build()
-    out = packed(ids, labels, position_ids=pos)
-    out.loss.backward()
-    alone = build()
-    total = torch.zeros(())
-    for e_ids, e_labels in examples:
-        o = alone(e_ids[None], e_labels[None])
-        part = (o.token_losses * (e_labels != -100)).sum() / trained
-        part.backward()
-        total = total + part.detach()
-    torch.testing.assert_close(out.loss.detach(), total, rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(packed.named_parameters(), alone.parameters()):
-        if a.grad is not None or b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_packed_equals_alone(build, examples, {"position_ids": pos}, ids, labels)
