@@ -559,3 +559,49 @@ def test_span_needs_offsets_from_a_fast_tokenizer() -> None:
     assert encoder.encode(example)["input_ids"].shape[-1] > 0
     with pytest.raises(ValueError, match="CanineTokenizer gives no character offsets"):
         encoder.encode(example, with_span=True)
+
+
+MC_ROW = {"question": "What color is the cat?", "choices": ["red", "green", "blue"], "answer": "B"}
+
+
+@pytest.mark.parametrize(
+    ("prediction", "expected"),
+    [
+        ("B", True),
+        ("B.", True),
+        ("(B)", True),
+        ("B. green", True),
+        ("I think the answer is B.", True),  # the "I" of "I think" is not the answer
+        ("The answer is (B)", True),
+        ("Answer: B", True),
+        ("It could be A, but the answer is B.", True),
+        ("I think the answer is A.", False),
+        ("A", False),
+        ("I think so.", False),
+        ("The answer is D.", False),  # not one of the three choices
+        ("green", False),
+        ("", False),
+    ],
+)
+def test_is_correct_multiple_choice(prediction: str, expected: bool) -> None:
+    from moespec.heads.evaluation import is_correct
+
+    assert is_correct(prediction, parse_example(MC_ROW, "x", Path("."))) is expected
+    # The answer given as the choice's text is the same letter.
+    by_text = parse_example({**MC_ROW, "answer": "Green"}, "x", Path("."))
+    assert is_correct(prediction, by_text) is expected
+
+
+def test_is_correct_free_form_and_errors() -> None:
+    from moespec.heads.evaluation import is_correct
+
+    example = parse_example(
+        {"question": "Where is the cat?", "answer": "on the mat"}, "x", Path(".")
+    )
+    assert is_correct("It is on the mat.", example)
+    assert is_correct("ON THE MAT", example)
+    assert not is_correct("on the rug", example)
+    with pytest.raises(ValueError, match="x: no 'answer' to score against"):
+        is_correct("B", parse_example({"question": "q"}, "x", Path(".")))
+    with pytest.raises(ValueError, match="answer 'purple' is neither a letter nor a choice"):
+        is_correct("B", parse_example({**MC_ROW, "answer": "purple"}, "x", Path(".")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import string
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,12 +13,11 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
+from ..eval.extract import extract_choice
 from .controller import HeadController
 from .data import Example, PromptEncoder
 from .loading import generate
 from .selection import HeadProfile
-
-_LETTER = re.compile(r"\b([A-Z])\b")
 
 
 def normalize(text: str) -> str:
@@ -26,7 +26,11 @@ def normalize(text: str) -> str:
 
 
 def is_correct(prediction: str, example: Example) -> bool:
-    """Multiple choice: the first standalone capital letter; free form: the answer's words appear."""
+    """Multiple choice: the letter ``extract_choice`` finds; free form: the answer's words appear.
+
+    The letter is the last "answer is X" / "answer: X" / "(X)" phrase, else a letter alone ("B.")
+    or leading ("B. Paris"), so "I think the answer is B." is B and the "I" does not count.
+    """
     if example.answer is None:
         raise ValueError(f"{example.source}: no 'answer' to score against")
     if example.choices:
@@ -40,8 +44,8 @@ def is_correct(prediction: str, example: Example) -> bool:
                     f"{example.source}: answer {answer!r} is neither a letter nor a choice"
                 )
             answer = chr(ord("A") + matches[0])
-        found = _LETTER.search(prediction.strip())
-        return found is not None and found.group(1) == answer.upper()
+        found = extract_choice(prediction, letters=string.ascii_uppercase[: len(example.choices)])
+        return found is not None and found == answer.upper()
     pred, gold = normalize(prediction), normalize(example.answer)
     return bool(gold) and (pred == gold or f" {gold} " in f" {pred} ")
 
