@@ -315,8 +315,12 @@ def test_batch_iterator_resume_equals_skip():
     assert [_firsts(next(fresh)) for _ in range(10)] == ref[7:17]
     assert [_firsts(next(it)) for _ in range(10)] == ref[7:17]
     batch = next(batch_iterator(ds, 4, seed=3))
-    assert set(batch) == {"input_ids", "labels", "domain_ids"}
-    assert batch["input_ids"].shape == (4, 2)
+    assert set(batch) == {
+        "input_ids", "labels", "domain_ids", "position_ids", "document_ids", "attention_mask"
+    }  # fmt: skip
+    assert all(v.shape == (4, 2) and v.dtype == torch.long for v in batch.values())
+    assert batch["position_ids"].tolist() == [[0, 1]] * 4  # one plain causal window per row
+    assert batch["document_ids"].eq(0).all() and batch["attention_mask"].eq(1).all()
 
 
 def test_batch_iterator_rank_shards_disjoint():

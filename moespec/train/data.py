@@ -1,8 +1,18 @@
 """Data pipeline: load documents, train or load a tokenizer, pack into fixed-length sequences.
 
-:func:`build_data` returns train/validation datasets of packed ``seq_len`` windows with
-next-token ``labels`` and per-token ``domain_ids``, caching the tokenizer and token arrays under
-``cache_dir``. :func:`batch_iterator` yields deterministic, resumable, rank-sharded batches.
+:func:`build_data` returns train/validation datasets of ``seq_len`` rows, caching the tokenizer
+and token arrays under ``cache_dir``. :func:`batch_iterator` yields deterministic, resumable,
+rank-sharded batches. Every item (and so every batch, with a leading batch dimension) holds
+int64 tensors ``input_ids``, ``labels`` (aligned: label t is the token after t, -100 where not
+trained), ``domain_ids`` (-1: no domain, padding), ``position_ids``, ``document_ids`` (the
+example within the row, -1 on padding) and ``attention_mask`` (1 real, 0 padding).
+
+``data.format=text`` (the default) packs every document into one flat token stream cut into
+windows of ``seq_len + 1`` tokens, every token trained (one "document" per window: document
+ids 0, positions 0..seq_len-1, no padding). The supervised fine-tuning formats
+(``prompt_completion``, ``chat``; :mod:`moespec.train.sft`) give one example per row of the
+data with labels only on the trained tokens, packed several to a row or padded one to a row
+(:mod:`moespec.train.packing`).
 """
 
 from __future__ import annotations
@@ -24,6 +34,18 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from moespec.train import corpus
+from moespec.train.packing import ExampleRows, length_grouped_order
+from moespec.train.sft import (
+    FORMATS,
+    TRAIN_ON,
+    TRUNCATION,
+    ExampleEncoder,
+    check_columns,
+    require_chat_template,
+    resolve_format,
+    row_texts,
+    template_fields,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -37,6 +59,7 @@ except ImportError:  # pragma: no cover - non-POSIX
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+SFT_CACHE_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 DATA_EXTENSIONS: dict[str, str] = {
@@ -63,21 +86,39 @@ class DataConfig:
     max_chars_per_domain: int = 2_000_000
     seed: int = 0
     cache_dir: str | None = None
+    #: text (flat stream, every token trained), prompt_completion, chat, or auto (from the
+    #: columns: messages_field -> chat, prompt and completion fields -> prompt_completion)
+    format: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    #: str.format template over the row's columns giving the prompt (replaces prompt_field)
+    prompt_template: str | None = None
+    #: prompt_completion: the prompt as a user turn, the completion as the assistant turn
+    use_chat_template: bool = False
+    train_on: str = "assistant"  # assistant (completion / assistant turns) or all tokens
+    truncation: str = "drop"  # examples longer than seq_len: drop, or truncate (keep the start)
+    packing: bool = True  # several examples per row; false: one per row, padded
 
 
 @dataclass
 class DataBundle:
-    """Packed train/validation datasets, their tokenizer, and the domain names."""
+    """Train/validation datasets of ``seq_len`` rows, their tokenizer, and the domain names."""
 
-    train: PackedDataset
-    val: PackedDataset
+    train: PackedDataset | ExampleRows
+    val: PackedDataset | ExampleRows
     tokenizer: PreTrainedTokenizerFast
     domains: list[str] = field(default_factory=list)
     cache_path: Path | None = None
 
 
 class PackedDataset(Dataset):
-    """Fixed windows over a flat token stream: chunk ``i`` is ``seq_len + 1`` tokens long."""
+    """Fixed windows over a flat token stream: chunk ``i`` is ``seq_len + 1`` tokens long.
+
+    Each window is one "document" for the model: ``document_ids`` 0, ``position_ids``
+    ``0..seq_len-1`` and ``attention_mask`` 1 throughout (attention is plain causal).
+    """
+
+    group_lengths = None  # full windows: nothing to group by length
 
     def __init__(self, tokens: np.ndarray, domains: np.ndarray, seq_len: int) -> None:
         if seq_len < 2:
@@ -99,7 +140,15 @@ class PackedDataset(Dataset):
         stop = start + self.seq_len + 1
         chunk = torch.from_numpy(np.asarray(self.tokens[start:stop], dtype=np.int64))
         dom = torch.from_numpy(np.asarray(self.token_domains[start : stop - 1], dtype=np.int64))
-        return {"input_ids": chunk[:-1].clone(), "labels": chunk[1:].clone(), "domain_ids": dom}
+        s = self.seq_len
+        return {
+            "input_ids": chunk[:-1].clone(),
+            "labels": chunk[1:].clone(),
+            "domain_ids": dom,
+            "position_ids": torch.arange(s, dtype=torch.long),
+            "document_ids": torch.zeros(s, dtype=torch.long),
+            "attention_mask": torch.ones(s, dtype=torch.long),
+        }
 
     @property
     def num_tokens(self) -> int:
@@ -389,6 +438,35 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise FileNotFoundError(
             f"data.tokenizer={cfg.tokenizer!r}: tokenizer directory not found (or use bpe)"
         )
+    for key, allowed in (("format", FORMATS), ("train_on", TRAIN_ON), ("truncation", TRUNCATION)):
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"data.{key} must be one of {', '.join(allowed)}; got {value!r}")
+    for key in ("text_field", "messages_field", "prompt_field", "completion_field"):
+        value = getattr(cfg, key)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"data.{key} must be a column name, got {value!r}")
+    for key in ("use_chat_template", "packing"):
+        if not isinstance(getattr(cfg, key), bool):
+            raise ValueError(f"data.{key} must be true or false, got {getattr(cfg, key)!r}")
+    if cfg.prompt_template is not None:
+        template = cfg.prompt_template
+        try:
+            fields = template_fields(template) if isinstance(template, str) else None
+        except ValueError as err:
+            raise ValueError(
+                f"data.prompt_template={template!r} is not a format string: {err}"
+            ) from None
+        if not fields:
+            raise ValueError(
+                f"data.prompt_template={template!r} must name the row's columns in braces, "
+                "e.g. '{instruction}\\n{input}\\n'"
+            )
+    if cfg.source == "embedded" and cfg.format in ("prompt_completion", "chat"):
+        raise ValueError(
+            f"data.format={cfg.format} needs local data files in data.source; the embedded "
+            "corpus is plain text (data.format=text)"
+        )
 
 
 def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:
@@ -401,6 +479,17 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     validate_data_config(cfg)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     src_fp = _source_fingerprint(cfg)
+    if cfg.format != "text":
+        sources = _Sources(cfg)
+        formats = sources.formats()
+        if "text" not in formats:
+            return _build_sft(cfg, sources, src_fp, cache, tokenizer, rank)
+        if formats != {"text"}:
+            raise ValueError(
+                "data.format=auto reads these sources as different formats "
+                f"({sources.describe()}); plain text cannot be mixed with prompt/completion or "
+                "chat examples: set data.format or split the sources"
+            )
     doc_key = {
         "v": CACHE_VERSION,
         "source": src_fp,
@@ -477,11 +566,223 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
 
 
+class _Sources:
+    """The data files of an SFT config, each loaded once, with its (resolved) format."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self._loaded: list[tuple[Path, datasets.Dataset, str]] | None = None
+
+    def formats(self) -> set[str]:
+        """Formats of the sources (loads them only for ``format=auto``)."""
+        if self.cfg.source == "embedded":
+            return {"text"}
+        if self.cfg.format != "auto":
+            return {self.cfg.format}
+        return {fmt for _, _, fmt in self.load()}
+
+    def describe(self) -> str:
+        return ", ".join(f"{p.name}: {fmt}" for p, _, fmt in self.load())
+
+    def load(self) -> list[tuple[Path, datasets.Dataset, str]]:
+        if self._loaded is None:
+            cfg = self.cfg
+            hf_cache = Path(cfg.cache_dir or default_cache_dir()) / "hf-datasets"
+            self._loaded = []
+            for path in resolve_sources(cfg.source):
+                ds = _load_one(path, hf_cache)
+                fmt = resolve_format(cfg, ds.column_names)
+                check_columns(cfg, fmt, ds.column_names, str(path))
+                self._loaded.append((path, ds, fmt))
+        return self._loaded
+
+    def num_rows(self) -> int:
+        return sum(len(ds) for _, ds, _ in self.load())
+
+    def rows(self, batch_size: int = 256) -> Iterator[tuple[Path, str, int, list[dict[str, Any]]]]:
+        """``(path, format, first_row, rows)`` batches over all sources in order."""
+        for path, ds, fmt in self.load():
+            cols = ds.column_names
+            for start in range(0, len(ds), batch_size):
+                batch = ds[start : start + batch_size]
+                n = len(batch[cols[0]]) if cols else 0
+                yield path, fmt, start, [{c: batch[c][j] for c in cols} for j in range(n)]
+
+
+def _sft_texts(sources: _Sources, keep: np.ndarray) -> Iterator[str]:
+    """The strings of the rows numbered ``keep`` (to train a BPE tokenizer on)."""
+    wanted = set(keep.tolist())
+    i = 0
+    for _, fmt, _, rows in sources.rows():
+        for row in rows:
+            if i in wanted:
+                yield from row_texts(sources.cfg, fmt, row)
+            i += 1
+
+
+def _encode_sources(cfg: DataConfig, sources: _Sources, tokenizer: Any):
+    """All rows as examples: ``(ids per row, trained per row, domain per row)``."""
+    encoder = ExampleEncoder(cfg, tokenizer)
+    ids: list[list[int]] = []
+    trained: list[list[int]] = []
+    doms: list[str | None] = []
+    for path, fmt, first, rows in sources.rows():
+        if first == 0:
+            log.info("tokenizing %s (data.format=%s)", path, fmt)
+        for x, m in encoder.encode_rows(fmt, rows, str(path), first):
+            ids.append(x)
+            trained.append(m)
+        for row in rows:
+            d = row.get(cfg.domain_field) if cfg.domain_field else None
+            doms.append(None if d is None else str(d))
+    return ids, trained, doms
+
+
+def _build_sft(
+    cfg: DataConfig, sources: _Sources, src_fp: Any, cache: Path, tokenizer: Any, rank: int
+) -> DataBundle:
+    """The prompt/completion and chat formats: one example per row, see :mod:`.sft`."""
+    needs_template = cfg.format == "chat" or cfg.use_chat_template or "chat" in sources.formats()
+    why = "data.format=chat" if not cfg.use_chat_template else "data.use_chat_template=true"
+    if needs_template and tokenizer is None and cfg.tokenizer == "bpe":
+        raise ValueError(
+            f"{why} needs a tokenizer with a chat template, and data.tokenizer=bpe trains one "
+            "without: set data.tokenizer to a local tokenizer directory with a chat template"
+        )
+    texts_key = {
+        "v": SFT_CACHE_VERSION,
+        "source": src_fp,
+        "format": cfg.format,
+        "fields": [
+            cfg.messages_field,
+            cfg.prompt_field,
+            cfg.completion_field,
+            cfg.prompt_template,
+            cfg.domain_field,
+        ],
+        "split": [cfg.val_fraction, cfg.seed],
+    }
+    split: tuple[np.ndarray, np.ndarray] | None = None
+
+    def get_split() -> tuple[np.ndarray, np.ndarray]:
+        nonlocal split
+        if split is None:
+            n = sources.num_rows()
+            if n == 0:
+                raise ValueError(f"data source {cfg.source!r} has no rows")
+            split = split_documents(n, cfg.val_fraction, cfg.seed)
+        return split
+
+    if tokenizer is None and cfg.tokenizer == "bpe":
+        tok_dir = cache / "tokenizers" / f"bpe-{_hash([texts_key, cfg.vocab_size])}"
+        with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+            if not (tok_dir / "tokenizer.json").is_file():
+                train_idx, _ = get_split()
+                log.info(
+                    "training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx)
+                )
+                tok = train_bpe_tokenizer(_sft_texts(sources, train_idx), cfg.vocab_size)
+                tok_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
+                tok.save_pretrained(str(tmp))
+                _publish_dir(tmp, tok_dir)
+        tokenizer = _load_tokenizer(str(tok_dir))
+    elif tokenizer is None:
+        tokenizer = _load_tokenizer(cfg.tokenizer)
+    eos = _eos_id(tokenizer)
+    if needs_template:
+        require_chat_template(tokenizer, why)
+
+    key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
+    data_key = _hash([key, tokenizer_fingerprint(tokenizer)])
+    data_dir = cache / "sft" / data_key
+    with _file_lock(cache / "locks" / f"sft-{data_key}.lock"):
+        if not (data_dir / "meta.json").is_file():
+            train_idx, val_idx = get_split()
+            ids, trained, doms = _encode_sources(cfg, sources, tokenizer)
+            domains = sorted({d for d in doms if d is not None}) if cfg.domain_field else []
+            index = {d: i for i, d in enumerate(domains)}
+            dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+            data_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
+            for name, idx in (("train", train_idx), ("val", val_idx)):
+                rows = idx.tolist()
+                lengths = np.array([len(ids[i]) for i in rows], dtype=np.int64)
+                flat = [t for i in rows for t in ids[i]]
+                flags = [t for i in rows for t in trained[i]]
+                np.save(tmp / f"{name}_tokens.npy", np.array(flat, dtype=dtype))
+                np.save(tmp / f"{name}_trained.npy", np.array(flags, dtype=np.uint8))
+                np.save(tmp / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+                dom = [index.get(doms[i], -1) if doms[i] is not None else -1 for i in rows]
+                np.save(tmp / f"{name}_domains.npy", np.array(dom, dtype=np.int16))
+            meta = {
+                "domains": domains,
+                "num_rows": {"train": len(train_idx), "val": len(val_idx)},
+                "vocab": len(tokenizer),
+                "config": asdict(cfg),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            _publish_dir(tmp, data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def load(name: str) -> ExampleRows:
+        arrays = [
+            np.load(data_dir / f"{name}_{part}.npy", mmap_mode="r")
+            for part in ("tokens", "trained", "offsets", "domains")
+        ]
+        rows = ExampleRows(
+            *arrays, cfg.seq_len, pad_id=pad, packing=cfg.packing, truncation=cfg.truncation
+        )
+        if rank == 0 and rows.stats.examples:
+            _report_rows(rows, name, cfg)
+        return rows
+
+    train, val = load("train"), load("val")
+    if len(train) == 0:
+        st = train.stats
+        raise ValueError(
+            f"no training example left of {st.examples}: {st.too_long} longer than "
+            f"data.seq_len={cfg.seq_len} (data.truncation={cfg.truncation}), {st.untrained} "
+            "with no trained token; raise data.seq_len, set data.truncation=truncate or check "
+            "the data"
+        )
+    if cfg.val_fraction > 0 and len(val) == 0:
+        log.warning("validation split has no example left (data.val_fraction=%s)", cfg.val_fraction)
+    return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
+
+
+def _report_rows(rows: ExampleRows, split: str, cfg: DataConfig) -> None:
+    st = rows.stats
+    if st.too_long and not st.truncated:
+        log.warning(
+            "%s: dropped %d of %d examples longer than data.seq_len=%d tokens "
+            "(data.truncation=drop)",
+            split, st.too_long, st.examples, cfg.seq_len,
+        )  # fmt: skip
+    if st.truncated:
+        log.warning(
+            "%s: truncated %d of %d examples to data.seq_len=%d tokens (data.truncation=truncate)",
+            split, st.truncated, st.examples, cfg.seq_len,
+        )  # fmt: skip
+    if st.untrained:
+        log.warning(
+            "%s: dropped %d of %d examples with no trained token left",
+            split, st.untrained, st.examples,
+        )  # fmt: skip
+    log.info(
+        "%s: %d examples in %d rows of %d tokens (%s)",
+        split, st.kept, st.rows, cfg.seq_len, "packed" if cfg.packing else "padded",
+    )  # fmt: skip
+
+
 class StatefulBatchSampler(Sampler[list[int]]):
     """Per-rank index batches from a seeded per-epoch shuffle, resumable at (epoch, position).
 
     ``batch_size`` is per rank; global batch ``p`` of an epoch is ``batch_size * world_size``
     consecutive indices of the epoch's permutation, and rank ``r`` gets the ``r``-th slice.
+    With ``lengths`` (one per sample) the permutation is :func:`~.packing.length_grouped_order`:
+    each global batch holds samples of similar length, the batches still in a shuffled order.
     ``position`` counts global batches already yielded in ``epoch``; iteration runs from
     there through ``num_epochs`` (forever when None). Under a prefetching ``DataLoader`` the
     state runs ahead of the consumer: use :func:`batch_iterator` for exact resume.
@@ -499,7 +800,10 @@ class StatefulBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         num_epochs: int | None = None,
         start_batch: int = 0,
+        lengths: Sequence[int] | np.ndarray | None = None,
     ) -> None:
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"got {len(lengths)} lengths for {num_samples} samples")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f"need batch_size >= 1 and 0 <= rank < world_size, got "
@@ -513,6 +817,7 @@ class StatefulBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.shuffle = shuffle
         self.num_epochs = num_epochs
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         g = batch_size * world_size
         self.batches_per_epoch = num_samples // g if drop_last else -(-num_samples // g)
         if self.batches_per_epoch == 0:
@@ -531,7 +836,10 @@ class StatefulBatchSampler(Sampler[list[int]]):
         """Sample order of ``epoch``."""
         if not self.shuffle:
             return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.lengths is not None:
+            return length_grouped_order(self.lengths, self.batch_size * self.world_size, rng)
+        return rng.permutation(self.num_samples)
 
     def __iter__(self) -> Iterator[list[int]]:
         g = self.batch_size * self.world_size
@@ -596,11 +904,14 @@ def batch_iterator(
     drop_last: bool = True,
     shuffle: bool = True,
     num_epochs: int | None = None,
+    group_by_length: bool = True,
 ) -> BatchIterator:
     """Iterate collated per-rank batches in a seeded shuffled order, from global batch ``start_batch``.
 
     Resuming with ``start_batch=N`` (or ``load_state_dict``) yields exactly the batches an
     uninterrupted run yields after its first ``N``; runs forever unless ``num_epochs`` is set.
+    A dataset with ``group_lengths`` (unpacked SFT rows) is batched by similar length unless
+    ``group_by_length`` is false.
     """
     sampler = StatefulBatchSampler(
         len(dataset),
@@ -612,5 +923,6 @@ def batch_iterator(
         shuffle=shuffle,
         num_epochs=num_epochs,
         start_batch=start_batch,
+        lengths=getattr(dataset, "group_lengths", None) if group_by_length else None,
     )
     return BatchIterator(dataset, sampler)
