@@ -186,8 +186,30 @@ def table_rows(runs: list[Run]) -> list[tuple[str, str, str | None]]:
     rows = list(TABLE_METRICS[:1])
     rows += [(f"val/loss/{d}", f"validation loss: {d}", "lower") for d in domains]
     rows += TABLE_METRICS[1:]
-    rows += loss_rows({k for r in runs for k in r.summary})
+    keys = {k for r in runs for k in r.summary}
+    rows += eval_rows(keys)
+    rows += loss_rows(keys)
     return [row for row in rows if any(row[0] in r.summary for r in runs)]
+
+
+#: Figures of evaluation sets shown by compare: ``eval/<set>/<metric>``, and which way is better.
+EVAL_METRICS = (("accuracy", "higher"), ("loss", "lower"), ("routing/output_overlap", "lower"),
+                ("routing/domain_mi", "higher"))  # fmt: skip
+
+
+def eval_rows(keys: set[str]) -> list[tuple[str, str, str | None]]:
+    """Rows for the evaluation sets (``eval.sets``) the runs logged, per set and domain."""
+    sets = sorted({k.split("/")[1] for k in keys if k.startswith("eval/")})
+    rows: list[tuple[str, str, str | None]] = []
+    for name in sets:
+        for metric, better in EVAL_METRICS:
+            rows.append(
+                (f"eval/{name}/{metric}", f"{name}: {metric.replace('routing/', '')}", better)
+            )
+        prefix = f"eval/{name}/accuracy/"
+        for key in sorted(k for k in keys if k.startswith(prefix)):
+            rows.append((key, f"{name}: accuracy {key[len(prefix) :]}", "higher"))
+    return rows
 
 
 def loss_rows(keys: set[str]) -> list[tuple[str, str, str | None]]:

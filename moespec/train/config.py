@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from ..eval.sets import EvalConfig
 from ..models.tiny import TinyMoEConfig
 from ..moe.config import MoEConfig
 from ..routing.config import LossConfig
@@ -141,6 +142,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_name: str | None = None
 
 

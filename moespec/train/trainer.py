@@ -23,6 +23,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
+from ..eval.sets import validate_eval_config
 from ..routing import (
     TokenContext,
     clear_router_losses,
@@ -94,6 +95,7 @@ def validate_recipe(cfg: TrainConfig) -> None:
         ckpt.resolve_resume(cfg.trainer.resume, Path())  # an explicit checkpoint must exist
     deepspeed_config(cfg)
     validate_data_config(cfg.data)
+    validate_eval_config(cfg.eval)
     if cfg.model.type == "hf":
         from ..models.hf_train import check_model_source
 

@@ -7,6 +7,7 @@ A callback sees the :class:`~moespec.train.trainer.Trainer` at a few points of t
 from .base import Callback, MicroBatch
 from .checkpointing import Checkpointing
 from .collapse import CollapseAlarm
+from .eval_sets import EvalSets
 from .evaluation import Evaluation, evaluate
 from .heatmaps import Heatmaps
 from .metrics_log import MetricsLog
@@ -22,6 +23,7 @@ def default_callbacks() -> list[Callback]:
         Heatmaps(),
         Progress(),
         Evaluation(),
+        EvalSets(),
         MetricsLog(),
         Checkpointing(),
     ]
@@ -31,6 +33,7 @@ __all__ = [
     "Callback",
     "Checkpointing",
     "CollapseAlarm",
+    "EvalSets",
     "Evaluation",
     "Heatmaps",
     "LoggingWindow",

@@ -1,0 +1,102 @@
+"""Evaluation sets: batched accuracy equals a one-example-at-a-time loop; bad sets are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moespec.data.synth import ANSWER_EXTRACTION, generate
+from moespec.eval.extract import exact_match
+from moespec.eval.sets import EvalSetConfig, eval_set_config, evaluate_set, load_eval_set
+from moespec.models import TinyMoEConfig, TinyMoELM
+from moespec.moe import MoEConfig
+from moespec.train.data import DataConfig, train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A few shipped-task examples, a tokenizer trained on them, an untrained tiny model."""
+    rows = generate(12, seed=4)
+    path = tmp_path_factory.mktemp("eval") / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_bpe_tokenizer((r["prompt"] + r["completion"] for r in rows * 3), 400)
+    torch.manual_seed(0)
+    cfg = TinyMoEConfig(
+        vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2, max_seq_len=256
+    )
+    model = TinyMoELM(cfg, MoEConfig(num_experts=4, top_k=2, ffn_size=32))
+    return path, rows, tok, model
+
+
+def _set_config(path) -> EvalSetConfig:
+    per_domain = {d: {"extract": m, **kw} for d, (m, kw) in ANSWER_EXTRACTION.items()}
+    return eval_set_config(
+        {"source": str(path), "metrics": ["loss", "generate"], "max_new_tokens": 6,
+         "batch_size": 5, "per_domain": per_domain},
+        "eval.sets.t",
+    )  # fmt: skip
+
+
+def test_batched_accuracy_equals_one_example_at_a_time(task, tmp_path):
+    path, rows, tok, model = task
+    es = load_eval_set("t", _set_config(path), DataConfig(format="prompt_completion"), tok)
+    assert len(es.prompts) == len(rows)
+    got = evaluate_set(model, es, tok, torch.device("cpu"), tmp_path, step=3)
+    written = [
+        json.loads(x) for x in (tmp_path / "t" / "step000003.jsonl").read_text().splitlines()
+    ]
+    hits = []
+    model.eval()
+    for row, rec in zip(rows, written):  # the reference: one prompt, no padding, plain loop
+        seq = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        new = []
+        with torch.no_grad():
+            for _ in range(6):
+                t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+                seq.append(t)
+                new.append(t)
+                if t == tok.eos_token_id:
+                    break
+        text = tok.decode(new, skip_special_tokens=True)
+        method, kw = ANSWER_EXTRACTION[row["domain"]]
+        assert rec["prediction"] == text and rec["reference"].strip() == row["completion"].strip()
+        hits.append(exact_match(text, row["completion"], method, **kw))
+        assert rec["correct"] == hits[-1]
+    assert got["eval/t/accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert {"eval/t/loss", "eval/t/ppl", "eval/t/routing/maxvio", "eval/t/accuracy/units"} <= set(
+        got
+    )
+
+
+def test_teacher_forced_loss_is_the_mean_over_completion_tokens(task):
+    path, rows, tok, model = task
+    es = load_eval_set("t", _set_config(path), DataConfig(format="prompt_completion"), tok)
+    got = evaluate_set(model, es, tok, torch.device("cpu"), None, step=0)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for ids, trained in es.examples:  # each example alone
+            x = torch.tensor([ids[:-1]])
+            labels = torch.tensor([[t if m else -100 for t, m in zip(ids[1:], trained[1:])]])
+            out = model(x, labels)
+            total += float(out.token_losses[labels != -100].sum())
+            count += int((labels != -100).sum())
+    assert got["eval/t/loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "node,needle",
+    [
+        ({"source": ""}, "source is empty"),
+        ({"source": "/no/such.jsonl"}, "no such file"),
+        ({"source": __file__, "extract": "regex", "pattern": "####"}, "capture group"),
+        ({"source": __file__, "metrics": ["bleu"]}, "valid: loss, generate"),
+        ({"source": __file__, "topk": 1}, "unknown key 'topk'"),
+        ({"source": __file__, "per_domain": {"x": {"extract": "median"}}}, "valid: regex"),
+    ],
+)
+def test_bad_sets_are_refused(node, needle):
+    with pytest.raises(ValueError, match=needle):
+        eval_set_config(node, "eval.sets.t")
