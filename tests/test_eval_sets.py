@@ -100,3 +100,51 @@ def test_teacher_forced_loss_is_the_mean_over_completion_tokens(task):
 def test_bad_sets_are_refused(node, needle):
     with pytest.raises(ValueError, match=needle):
         eval_set_config(node, "eval.sets.t")
+
+
+@pytest.mark.multiproc
+def test_moespec_eval_on_a_run_dir_reproduces_the_training_evaluation(
+    run_train, train_env, tmp_path
+):
+    """Train a few SFT steps with an eval set; moespec-eval on the run directory (recipe and
+    latest checkpoint) gives the figures the run logged at its last step."""
+    import subprocess
+    import sys
+
+    from moespec.data.synth import write_task
+
+    task = write_task(tmp_path / "task", train=300, val=20, seed=2, domains=["arithmetic", "units"])
+    run_dir = tmp_path / "run"
+    sets = [
+        f"+eval.sets.v.source={task['prompt_completion/val']}", "+eval.sets.v.metrics=[loss,generate]",
+        "+eval.sets.v.max_new_tokens=8", "+eval.sets.v.extract=gsm8k",
+    ]  # fmt: skip
+    proc = run_train([
+        "experiment=sft", f"data.source={task['prompt_completion/train']}", "data.seq_len=128",
+        "data.val_fraction=0.2", "deepspeed.micro_batch_size=4",
+        "trainer.max_steps=6", "trainer.log_every=3", "trainer.eval_every=6", "trainer.save_every=6",
+        "trainer.progress=false", *sets, f"hydra.run.dir={run_dir}",
+    ])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    again = subprocess.run(
+        [sys.executable, "-m", "moespec.eval.cli", str(run_dir)],
+        capture_output=True, text=True, env=train_env, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-4000:]
+    got = json.loads((run_dir / "eval" / "results_step000006.json").read_text())
+    assert got and set(got) <= set(logged)
+    for key, value in got.items():
+        assert value == pytest.approx(logged[key], rel=1e-5), key
+    assert (run_dir / "eval" / "v" / "step000006.jsonl").is_file()
+
+
+def test_moespec_eval_refuses_what_it_cannot_evaluate(tmp_path):
+    from moespec.eval.cli import recipe_of
+
+    with pytest.raises(FileNotFoundError, match="neither a run directory"):
+        recipe_of(tmp_path, [])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("[]\n")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        recipe_of(tmp_path, [])

@@ -331,7 +331,7 @@ def _calibration_text(routed: Any) -> str:
 # ----------------------------------------------------------------------------- setup
 
 
-def _build_data(cfg: TrainConfig, rank: int) -> DataBundle:
+def build_run_data(cfg: TrainConfig, rank: int) -> DataBundle:
     """Rank 0 builds the data cache, the others read it after the barrier."""
     hf_tok = None
     if cfg.model.type == "hf":  # the HF model's own tokenizer, when its directory has one
@@ -343,7 +343,7 @@ def _build_data(cfg: TrainConfig, rank: int) -> DataBundle:
     return data if data is not None else build_data(cfg.data, rank=rank, tokenizer=hf_tok)
 
 
-def _build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
+def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
     """Model, AdamW with warmup-cosine, and the DeepSpeed engine around them."""
     import deepspeed
 
@@ -437,8 +437,8 @@ def train(
         raise TrainingError(
             f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched"
         )
-    data = _build_data(cfg, rank)
-    engine, model, scheduler = _build_engine(cfg, len(data.tokenizer))
+    data = build_run_data(cfg, rank)
+    engine, model, scheduler = build_engine(cfg, len(data.tokenizer))
     micro = cfg.deepspeed.micro_batch_size
     if len(data.train) < micro * world:
         raise TrainingError(
