@@ -50,7 +50,7 @@ def run(target: Path, overrides: list[str]) -> dict[str, float]:
 
     from ..train.callbacks.eval_sets import format_table
     from ..train.config import register_configs
-    from ..train.trainer import build_run_data, build_engine, init_distributed, validate_recipe
+    from ..train.trainer import build_engine, build_run_data, init_distributed, validate_recipe
     from .sets import evaluate_set, load_eval_set, validate_eval_config
 
     register_configs()
