@@ -662,83 +662,21 @@ def _build_sft(
         ],
         "split": [cfg.val_fraction, cfg.seed],
     }
-    split: tuple[np.ndarray, np.ndarray] | None = None
-
-    def get_split() -> tuple[np.ndarray, np.ndarray]:
-        nonlocal split
-        if split is None:
-            n = sources.num_rows()
-            if n == 0:
-                raise ValueError(f"data source {cfg.source!r} has no rows")
-            split = split_documents(n, cfg.val_fraction, cfg.seed)
-        return split
-
-    if tokenizer is None and cfg.tokenizer == "bpe":
-        tok_dir = cache / "tokenizers" / f"bpe-{_hash([texts_key, cfg.vocab_size])}"
-        with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
-            if not (tok_dir / "tokenizer.json").is_file():
-                train_idx, _ = get_split()
-                log.info(
-                    "training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx)
-                )
-                tok = train_bpe_tokenizer(_sft_texts(sources, train_idx), cfg.vocab_size)
-                tok_dir.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
-                tok.save_pretrained(str(tmp))
-                _publish_dir(tmp, tok_dir)
-        tokenizer = _load_tokenizer(str(tok_dir))
-    elif tokenizer is None:
-        tokenizer = _load_tokenizer(cfg.tokenizer)
+    split = _LazySplit(cfg, sources)
+    if tokenizer is None:
+        tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split)
     eos = _eos_id(tokenizer)
     if needs_template:
         require_chat_template(tokenizer, why)
-
     key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
     data_key = _hash([key, tokenizer_fingerprint(tokenizer)])
     data_dir = cache / "sft" / data_key
     with _file_lock(cache / "locks" / f"sft-{data_key}.lock"):
         if not (data_dir / "meta.json").is_file():
-            train_idx, val_idx = get_split()
-            ids, trained, doms = _encode_sources(cfg, sources, tokenizer)
-            domains = sorted({d for d in doms if d is not None}) if cfg.domain_field else []
-            index = {d: i for i, d in enumerate(domains)}
-            dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-            data_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
-            for name, idx in (("train", train_idx), ("val", val_idx)):
-                rows = idx.tolist()
-                lengths = np.array([len(ids[i]) for i in rows], dtype=np.int64)
-                flat = [t for i in rows for t in ids[i]]
-                flags = [t for i in rows for t in trained[i]]
-                np.save(tmp / f"{name}_tokens.npy", np.array(flat, dtype=dtype))
-                np.save(tmp / f"{name}_trained.npy", np.array(flags, dtype=np.uint8))
-                np.save(tmp / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-                dom = [index.get(doms[i], -1) if doms[i] is not None else -1 for i in rows]
-                np.save(tmp / f"{name}_domains.npy", np.array(dom, dtype=np.int16))
-            meta = {
-                "domains": domains,
-                "num_rows": {"train": len(train_idx), "val": len(val_idx)},
-                "vocab": len(tokenizer),
-                "config": asdict(cfg),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            _publish_dir(tmp, data_dir)
+            _write_sft_cache(data_dir, cfg, sources, tokenizer, split())
     meta = json.loads((data_dir / "meta.json").read_text())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    def load(name: str) -> ExampleRows:
-        arrays = [
-            np.load(data_dir / f"{name}_{part}.npy", mmap_mode="r")
-            for part in ("tokens", "trained", "offsets", "domains")
-        ]
-        rows = ExampleRows(
-            *arrays, cfg.seq_len, pad_id=pad, packing=cfg.packing, truncation=cfg.truncation
-        )
-        if rank == 0 and rows.stats.examples:
-            _report_rows(rows, name, cfg)
-        return rows
-
-    train, val = load("train"), load("val")
+    train, val = (_load_sft_rows(data_dir, name, cfg, pad, rank) for name in ("train", "val"))
     if len(train) == 0:
         st = train.stats
         raise ValueError(
@@ -750,6 +688,86 @@ def _build_sft(
     if cfg.val_fraction > 0 and len(val) == 0:
         log.warning("validation split has no example left (data.val_fraction=%s)", cfg.val_fraction)
     return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
+
+
+class _LazySplit:
+    """The train/val row split of the sources, computed (and the rows counted) on first use."""
+
+    def __init__(self, cfg: DataConfig, sources: _Sources) -> None:
+        self.cfg, self.sources = cfg, sources
+        self._split: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._split is None:
+            n = self.sources.num_rows()
+            if n == 0:
+                raise ValueError(f"data source {self.cfg.source!r} has no rows")
+            self._split = split_documents(n, self.cfg.val_fraction, self.cfg.seed)
+        return self._split
+
+
+def _sft_tokenizer(
+    cfg: DataConfig, sources: _Sources, texts_key: dict[str, Any], cache: Path, split: _LazySplit
+) -> Any:
+    """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows."""
+    if cfg.tokenizer != "bpe":
+        return _load_tokenizer(cfg.tokenizer)
+    tok_dir = cache / "tokenizers" / f"bpe-{_hash([texts_key, cfg.vocab_size])}"
+    with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+        if not (tok_dir / "tokenizer.json").is_file():
+            train_idx, _ = split()
+            log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
+            tok = train_bpe_tokenizer(_sft_texts(sources, train_idx), cfg.vocab_size)
+            tok_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
+            tok.save_pretrained(str(tmp))
+            _publish_dir(tmp, tok_dir)
+    return _load_tokenizer(str(tok_dir))
+
+
+def _write_sft_cache(
+    data_dir: Path, cfg: DataConfig, sources: _Sources, tokenizer: Any,
+    split: tuple[np.ndarray, np.ndarray],
+) -> None:  # fmt: skip
+    """Tokenize every row and publish each split's tokens, trained flags, offsets, domains."""
+    ids, trained, doms = _encode_sources(cfg, sources, tokenizer)
+    domains = sorted({d for d in doms if d is not None}) if cfg.domain_field else []
+    index = {d: i for i, d in enumerate(domains)}
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
+    for name, idx in zip(("train", "val"), split):
+        rows = idx.tolist()
+        lengths = np.array([len(ids[i]) for i in rows], dtype=np.int64)
+        flat = [t for i in rows for t in ids[i]]
+        flags = [t for i in rows for t in trained[i]]
+        np.save(tmp / f"{name}_tokens.npy", np.array(flat, dtype=dtype))
+        np.save(tmp / f"{name}_trained.npy", np.array(flags, dtype=np.uint8))
+        np.save(tmp / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+        dom = [index.get(doms[i], -1) if doms[i] is not None else -1 for i in rows]
+        np.save(tmp / f"{name}_domains.npy", np.array(dom, dtype=np.int16))
+    meta = {
+        "domains": domains,
+        "num_rows": {"train": len(split[0]), "val": len(split[1])},
+        "vocab": len(tokenizer),
+        "config": asdict(cfg),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    _publish_dir(tmp, data_dir)
+
+
+def _load_sft_rows(data_dir: Path, name: str, cfg: DataConfig, pad: int, rank: int) -> ExampleRows:
+    """One split of the cache as rows (packed or padded), its drop/truncation counts logged."""
+    arrays = [
+        np.load(data_dir / f"{name}_{part}.npy", mmap_mode="r")
+        for part in ("tokens", "trained", "offsets", "domains")
+    ]
+    rows = ExampleRows(
+        *arrays, cfg.seq_len, pad_id=pad, packing=cfg.packing, truncation=cfg.truncation
+    )
+    if rank == 0 and rows.stats.examples:
+        _report_rows(rows, name, cfg)
+    return rows
 
 
 def _report_rows(rows: ExampleRows, split: str, cfg: DataConfig) -> None:
