@@ -152,6 +152,10 @@ class MetricWindow:
             return v
         return v / self._counts[name] if self._counts[name] > 0 else torch.full_like(v, math.nan)
 
+    def reductions(self) -> dict[str, str]:
+        """``{name: reduce}`` of every entry seen in this window."""
+        return dict(self._reduce)
+
     def count(self, name: str) -> float:
         """How many items (micro-batches, tokens) a mean entry has seen; reports otherwise."""
         return self._counts.get(name, 0.0)
@@ -318,7 +322,7 @@ class RoutingStats:
     def reductions(self) -> dict[str, str]:
         """How each metric of :meth:`compute` combines over layers: its reported reduction;
         the derived load metrics average, dead experts add up."""
-        own = {n: r for n, r in self.window._reduce.items() if n not in _ROUTING_SUMS}
+        own = {n: r for n, r in self.window.reductions().items() if n not in _ROUTING_SUMS}
         return {"dead_experts": "sum", **own}
 
     def compute(self) -> dict[str, float]:
