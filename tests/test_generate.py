@@ -49,3 +49,27 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     alone = [_reference(model, p, 10, stop) for p in prompts]
     assert batched == alone
     assert any(len(b) < 10 for b in batched) and any(len(b) == 10 for b in batched)
+
+
+def test_hf_generation_with_its_cache_equals_the_plain_loop():
+    """A tiny Qwen3-MoE: transformers' generate (KV cache, left padding) gives the tokens of
+    the no-cache loop run one prompt at a time."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moespec.models.hf_train import HFCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "recipes/model/configs/qwen3_moe_tiny.json"
+    raw = json.loads(path.read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    torch.manual_seed(0)
+    model = HFCausalLM(AutoModelForCausalLM.from_config(config).float()).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, config.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    first = [_reference(model, p, 1, -1)[0] for p in prompts]
+    stop = first[1]  # one row stops at once
+    batched = greedy_generate(model, prompts, max_new_tokens=8, stop_ids=[stop], pad_id=0)
+    alone = [_reference(model, p, 8, stop) for p in prompts]
+    assert batched == alone and len(batched[1]) == 1

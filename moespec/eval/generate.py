@@ -1,8 +1,9 @@
 """Batched greedy generation for moespec's LMs (the tiny MoE LM and the HF wrapper).
 
 Prompts are left-padded into one batch; padding gets ``document_ids`` -1 and the prompts'
-``position_ids`` start at 0 after it, so each row computes what it would alone. No KV cache:
-every step runs the whole prefix, which keeps the code obviously right at evaluation sizes.
+``position_ids`` start at 0 after it, so each row computes what it would alone. The tiny LM
+has no KV cache: every step runs the whole prefix. Hugging Face models decode with their own
+``generate`` (KV cache, attention mask over the left padding).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def greedy_generate(
     tracking = [(r, r.track_stats) for r in iter_routers(model)]
     for r, _ in tracking:
         r.track_stats = False
+    if hasattr(model, "hf_model") and max_length is None:
+        try:
+            return _hf_generate(model.hf_model, prompts, max_new_tokens, list(stop_ids), pad_id)
+        finally:
+            clear_router_losses(model)
+            for r, track in tracking:
+                r.track_stats = track
+            model.train(was_training)
     rows = [list(p) for p in prompts]
     out: list[list[int]] = [[] for _ in rows]
     live = [i for i in range(len(rows)) if not max_length or len(rows[i]) < max_length]
@@ -79,3 +88,27 @@ def greedy_generate(
             r.track_stats = track
         model.train(was_training)
     return out
+
+
+def _hf_generate(
+    hf_model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+) -> list[list[int]]:
+    """transformers' greedy ``generate``; each row cut after its first stop id."""
+    batch = left_pad(prompts, pad_id)
+    device = next(hf_model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    mask = (batch["document_ids"] >= 0).long().to(device)
+    out = hf_model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True,
+        temperature=None, top_p=None, top_k=None,
+    )  # fmt: skip
+    rows = []
+    for row in out[:, ids.shape[1] :].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:cut])
+    return rows
