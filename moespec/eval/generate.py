@@ -45,48 +45,52 @@ def greedy_generate(
     after ``max_new_tokens`` tokens; ``max_length`` caps prompt + continuation."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     tracking = [(r, r.track_stats) for r in iter_routers(model)]
     for r, _ in tracking:
         r.track_stats = False
-    if hasattr(model, "hf_model") and max_length is None:
-        try:
-            return _hf_generate(model.hf_model, prompts, max_new_tokens, list(stop_ids), pad_id)
-        finally:
-            clear_router_losses(model)
-            for r, track in tracking:
-                r.track_stats = track
-            model.train(was_training)
-    rows = [list(p) for p in prompts]
-    out: list[list[int]] = [[] for _ in rows]
-    live = [i for i in range(len(rows)) if not max_length or len(rows[i]) < max_length]
-    stop = set(stop_ids)
     try:
-        for _ in range(max_new_tokens):
-            if not live:
-                break
-            batch = left_pad([rows[i] for i in live], pad_id)
-            logits = model(
-                batch["input_ids"].to(device),
-                position_ids=batch["position_ids"].to(device),
-                document_ids=batch["document_ids"].to(device),
-            ).logits
-            nxt = logits[:, -1].argmax(-1).tolist()
-            still = []
-            for i, token in zip(live, nxt):
-                rows[i].append(token)
-                out[i].append(token)
-                full = max_length is not None and len(rows[i]) >= max_length
-                if token not in stop and not full:
-                    still.append(i)
-            live = still
+        if hasattr(model, "hf_model") and max_length is None:
+            return _hf_generate(model.hf_model, prompts, max_new_tokens, list(stop_ids), pad_id)
+        return _loop_generate(model, prompts, max_new_tokens, set(stop_ids), pad_id, max_length)
     finally:
         clear_router_losses(model)
         for r, track in tracking:
             r.track_stats = track
         model.train(was_training)
+
+
+def _loop_generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop: set[int],
+    pad_id: int,
+    max_length: int | None,
+) -> list[list[int]]:
+    """No cache: each step runs every unfinished row's whole sequence, left-padded."""
+    device = next(model.parameters()).device
+    rows = [list(p) for p in prompts]
+    out: list[list[int]] = [[] for _ in rows]
+    live = [i for i in range(len(rows)) if not max_length or len(rows[i]) < max_length]
+    for _ in range(max_new_tokens):
+        if not live:
+            break
+        batch = left_pad([rows[i] for i in live], pad_id)
+        logits = model(
+            batch["input_ids"].to(device),
+            position_ids=batch["position_ids"].to(device),
+            document_ids=batch["document_ids"].to(device),
+        ).logits
+        still = []
+        for i, token in zip(live, logits[:, -1].argmax(-1).tolist()):
+            rows[i].append(token)
+            out[i].append(token)
+            full = max_length is not None and len(rows[i]) >= max_length
+            if token not in stop and not full:
+                still.append(i)
+        live = still
     return out
 
 

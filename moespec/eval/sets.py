@@ -27,6 +27,7 @@ from ..routing import (
     iter_routers,
     set_token_context,
 )
+from ..train.logging import routing_metrics
 from .extract import METHODS, exact_match, extract
 from .generate import greedy_generate
 
@@ -210,10 +211,9 @@ def teacher_forced(
             r.stats.load_state_dict(s)
     loss = total / max(count, 1)
     out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}
-    for key in ("maxvio", "output_overlap", "domain_mi", "load_cv", "dead_experts"):
-        vals = [m[key] for m in stats if key in m]
-        if vals:
-            out[f"routing/{key}"] = float(np.sum(vals) if key == "dead_experts" else np.mean(vals))
+    layers = routing_metrics(stats)  # over layers as the training window does
+    keys = ("maxvio", "output_overlap", "domain_mi", "load_cv", "dead_experts")
+    out.update({f"routing/{k}": layers[f"routing/{k}"] for k in keys if f"routing/{k}" in layers})
     return out
 
 
