@@ -241,7 +241,9 @@ class Trainer:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    def micro_batch(self, batch: dict[str, torch.Tensor], step_tokens: float) -> MicroBatch:
+    def micro_batch(
+        self, batch: dict[str, torch.Tensor], trained: int, step_tokens: float
+    ) -> MicroBatch:
         """Forward, routing losses, backward and engine step of one micro-batch.
 
         The LM loss is scaled so that the step's gradient is that of the mean over all
@@ -255,7 +257,6 @@ class Trainer:
         routed = collect_router_losses(self.model)
         if routed.calibrated and self.rank == 0:
             log.info("calibrated loss weights: %s", _calibration_text(routed))
-        trained = int((batch["labels"] != -100).sum())
         share = self.cfg.deepspeed.gradient_accumulation_steps * self.world / step_tokens
         scale = trained * share if step_tokens > 0 else 0.0
         lm_term = out.loss if scale == 1.0 else out.lm_loss * scale + (out.model_aux_loss or 0)
@@ -276,10 +277,10 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """One optimizer step over this rank's micro-batches (``gradient_accumulation_steps``)."""
-        trained = float(sum(int((b["labels"] != -100).sum()) for b in batches))
-        step_tokens = all_reduce_floats([trained])[0]
-        for batch in batches:
-            self._call("on_micro_batch", self.micro_batch(batch, step_tokens))
+        counts = [int((b["labels"] != -100).sum()) for b in batches]  # trained tokens
+        step_tokens = all_reduce_floats([float(sum(counts))])[0]
+        for batch, trained in zip(batches, counts):
+            self._call("on_micro_batch", self.micro_batch(batch, trained, step_tokens))
         step_score_biases(self.model)
 
     def fit(self) -> None:
