@@ -42,7 +42,7 @@ def main() -> None:
     cfg = TrainConfig()
     cfg.deepspeed.gradient_accumulation_steps, cfg.deepspeed.micro_batch_size = GAS, ROWS
     cfg.deepspeed.gradient_clipping, cfg.deepspeed.zero_stage = 0.0, 0
-    cfg.trainer.fail_on_nonfinite = True
+    cfg.trainer.nonfinite = "error"
     net = model()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     engine, _, _, _ = deepspeed.initialize(
