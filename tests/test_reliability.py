@@ -38,7 +38,7 @@ def test_spike_guard_matches_a_running_median_loop():
     for i in (1, 30, 31, 90, 150):  # step 1: before the window is full, not a spike
         losses[i] *= 4
     guard, accepted, got, want = StepGuard("error", 2.5, 10, 3), [], [], []
-    for i, loss in enumerate(losses):
+    for loss in losses:
         ref = len(accepted) >= 10 and loss > 2.5 * float(np.median(accepted[-10:]))
         want.append(ref)
         cause = guard.cause(loss)
