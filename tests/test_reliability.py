@@ -188,3 +188,34 @@ def test_check_refuses_a_bad_nonfinite_mode(train_env):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "trainer.nonfinite='maybe'; valid: error, skip" in errors[0]
+
+
+def test_resolve_inside_refuses_paths_that_escape(tmp_path):
+    from moespec.paths import resolve_inside
+
+    root = tmp_path / "out"
+    (root / "sub").mkdir(parents=True)
+    assert resolve_inside(root, "sub/a.json") == root / "sub" / "a.json"
+    assert resolve_inside(root, root / "b.png") == root / "b.png"
+    (root / "link").symlink_to(tmp_path)
+    for bad in ("../a.json", tmp_path / "a.json", "/etc/passwd", "link/a.json", "sub/../../a"):
+        with pytest.raises(ValueError, match="is outside .*: refusing to write there"):
+            resolve_inside(root, bad)
+
+
+@pytest.mark.parametrize(
+    "command,key",
+    [("identify", "output.heatmap"), ("apply", "output.answers"), ("eval", "output.report")],
+)
+def test_heads_cli_refuses_outputs_outside_output_dir(tmp_path, monkeypatch, capsys, command, key):
+    from moespec.heads.cli import main
+
+    out = tmp_path / "out"
+    argv = ["moespec-heads", f"command={command}", "model.dir=/nonexistent", f"output.dir={out}"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"{key}=../escaped"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert f"error: {key}: ../escaped is outside {out}" in err[0]
+    assert not (tmp_path / "escaped").exists()
