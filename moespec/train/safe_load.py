@@ -89,6 +89,9 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
         except OSError as err:
             self.error = err
             Path(path).unlink(missing_ok=True)
+        except RuntimeError as err:  # torch's zip writer reports a failed write so
+            self.error = OSError(f"{path}: {str(err).splitlines()[0]}")
+            Path(path).unlink(missing_ok=True)
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return safe_torch_load(path, map_location)
