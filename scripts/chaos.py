@@ -172,7 +172,12 @@ def fault_chain(run: Path, steps: int, kinds: list[str], rng: random.Random) -> 
         o.survived += int(ok)
         if not ok:
             o.notes.append(f"FAILED exit {code}: {tail[-400:]!r}")
-        print(f"{kind} at step {at}: exit {code}, resume point {resume_point}, ok={ok}", flush=True)
+        took = f", exit {exit_s:.1f} s after the signal" if exit_s is not None else ""
+        print(
+            f"{kind} at step {at}: exit {code}{took}, resume point {resume_point}, "
+            f"steps lost {max(last_logged - resume_point, 0)}, survived {ok}",
+            flush=True,
+        )
         resume = True
     code, _, tail = segment(run, steps, resume)
     if code != 0:
