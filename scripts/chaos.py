@@ -43,6 +43,7 @@ SAVE_FILES = [
 ]
 SAVE_EVERY = 2
 PREEMPT_CODE = 75
+TIMEOUT_S = 300  # above the longest wait between collectives of setup on a busy machine
 
 
 @dataclass
@@ -61,7 +62,7 @@ def overrides(run: Path, steps: int, resume: bool) -> list[str]:
         "experiment=smoke", "moe=deepspeed", "moe.ep_size=2", "trainer.progress=false",
         f"trainer.max_steps={steps}", "trainer.log_every=1", f"trainer.save_every={SAVE_EVERY}",
         "trainer.eval_every=1000", "trainer.plot_every=1000", "trainer.keep_checkpoints=2",
-        "trainer.nonfinite=skip", "trainer.collective_timeout_s=60", "wandb.enabled=false",
+        "trainer.nonfinite=skip", f"trainer.collective_timeout_s={TIMEOUT_S}", "wandb.enabled=false",
         f"trainer.resume={'auto' if resume else 'none'}", f"hydra.run.dir={run}",
     ]  # fmt: skip
 
@@ -245,7 +246,7 @@ def main() -> None:
     kill = chain[KINDS[1]].exit_s
     extra = (
         f"\nSIGKILL of rank 1: the launcher and the other rank exited {min(kill):.1f}-"
-        f"{max(kill):.1f} s after the kill (trainer.collective_timeout_s=60)."
+        f"{max(kill):.1f} s after the kill (trainer.collective_timeout_s={TIMEOUT_S})."
         if kill
         else ""
     )
