@@ -88,7 +88,8 @@ def test_nan_micro_batch_skips_exactly_its_step(run_train, tmp_path):
     """The step with the NaN leaves weights and optimizer states as they were; the run goes on."""
     run = tmp_path / "skip"
     args = [*FAST, "trainer.nonfinite=skip", "trainer.save_every=1", "trainer.keep_checkpoints=0"]
-    proc = run_train([*args, f"hydra.run.dir={run}"], env={"MOESPEC_FAULTS": "nan:micro:3"})
+    faults = {"MOESPEC_FAULTS": "nan:micro:3"}
+    proc = run_train([*args, f"hydra.run.dir={run}"], env=faults, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = {s: _states(run / "checkpoints" / f"step{s:08d}") for s in (2, 3, 4)}
     assert ck[2].keys() == ck[3].keys()
@@ -107,7 +108,9 @@ def test_nan_micro_batch_skips_exactly_its_step(run_train, tmp_path):
          "2 optimizer steps in a row skipped (trainer.max_skipped_steps=1), the last at step 4"),
     ]:  # fmt: skip
         proc = run_train(
-            [*FAST, *extra, f"hydra.run.dir={tmp_path / 'stop'}"], env={"MOESPEC_FAULTS": faults}
+            [*FAST, *extra, f"hydra.run.dir={tmp_path / 'stop'}"],
+            env={"MOESPEC_FAULTS": faults},
+            timeout=1800,
         )
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr[
