@@ -109,10 +109,13 @@ def segment(run: Path, steps: int, resume: bool, faults: str = "", signal_at: tu
             [*deepspeed_launcher(2), "moespec.train", *overrides(run, steps, resume)],
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        signalled = None
+        signalled, rewound = None, not resume
         while proc.poll() is None:
-            if signal_at and signalled is None and max(rows(run), default=0) >= signal_at[0]:
-                ranks = rank_processes(proc)
+            logged = max(rows(run), default=0)
+            # Rows a resumed run will redo are still there until it has set them aside.
+            rewound = rewound or "resumed from" in log.read_text()
+            ranks = rank_processes(proc) if signal_at and signalled is None and rewound else []
+            if len(ranks) == 2 and logged >= signal_at[0]:
                 targets = ranks if signal_at[1] == "term" else ranks[1:]
                 sig = signal.SIGTERM if signal_at[1] == "term" else signal.SIGKILL
                 signalled = time.perf_counter()
