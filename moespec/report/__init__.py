@@ -5,4 +5,11 @@ from .collect import ReportOptions, collect
 from .probe import routing_probe
 from .stats import ReportStats, layer_summary, top_tokens
 
-__all__ = ["ReportOptions", "ReportStats", "collect", "layer_summary", "routing_probe", "top_tokens"]
+__all__ = [
+    "ReportOptions",
+    "ReportStats",
+    "collect",
+    "layer_summary",
+    "routing_probe",
+    "top_tokens",
+]

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> Path:
         else:
             seq = args.seq_len or loaded.cfg.data.seq_len
 
-            def batches(tok=tok, seq=seq):
+            def batches(tok=tok, seq=seq, domains=domains):
                 return text_batches(sources, tok, domains, seq, args.batch_size, args.max_tokens)
 
         collected = collect(loaded.model, batches, len(tok), len(domains), opts, name)
@@ -99,8 +99,12 @@ def run(args: argparse.Namespace) -> Path:
         notes.append("The data carries no domain labels: the expert × domain figures and the "
                      "domain MI are left out (give a jsonl with a 'domain' field or NAME=FILE).")  # fmt: skip
     report = {
-        "data": {"sources": args.data, "domains": domains, "tokens": models[0]["tokens"],
-                 "notes": notes},  # fmt: skip
+        "data": {
+            "sources": args.data,
+            "domains": domains,
+            "tokens": models[0]["tokens"],
+            "notes": notes,
+        },  # fmt: skip
         "models": models,
         "differences": differences(models),
     }
@@ -114,7 +118,9 @@ def write_outputs(report: dict[str, Any], out: Path, *, wandb: bool = False) -> 
 
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
-    figures: dict[str, list[Path]] = {"summary": [summary_figure(report["models"], out / SUMMARY_PNG)]}
+    figures: dict[str, list[Path]] = {
+        "summary": [summary_figure(report["models"], out / SUMMARY_PNG)]
+    }
     for i, m in enumerate(report["models"]):
         for p in model_figures(m, out, f"model{i}", report["data"]["domains"]):
             figures.setdefault(p.stem.split("_", 1)[1], []).append(p)

@@ -20,9 +20,7 @@ SUMMARY_METRICS = (
 )
 
 
-def _panels(
-    layers: list[dict[str, Any]], key: str, path: Path, title: str, **style: Any
-) -> Path:
+def _panels(layers: list[dict[str, Any]], key: str, path: Path, title: str, **style: Any) -> Path:
     """One E×E heat map per layer of ``layers[i][key]``."""
     n = len(layers)
     e = len(layers[0][key])
@@ -44,14 +42,26 @@ def model_figures(model: dict[str, Any], out: Path, prefix: str, domains: list[s
         joint = np.array([ly["domain_slots"] for ly in layers], dtype=float)
         paths.append(plot_domain_heatmap(joint, domains, out / f"{prefix}_expert_domain.png"))
     paths.append(
-        _panels(layers, "coactivation", out / f"{prefix}_coactivation.png",
-                "co-activation: share of tokens routed to both experts (diagonal: to the expert)",
-                cmap="Blues", fmt="{:.2f}")  # fmt: skip
+        _panels(
+            layers,
+            "coactivation",
+            out / f"{prefix}_coactivation.png",
+            "co-activation: share of tokens routed to both experts (diagonal: to the expert)",
+            cmap="Blues",
+            fmt="{:.2f}",
+        )  # fmt: skip
     )
     paths.append(
-        _panels(layers, "similarity", out / f"{prefix}_similarity.png",
-                "output similarity: mean cos of two experts' outputs on the tokens they share",
-                cmap="coolwarm", vmin=-1.0, vmax=1.0, fmt="{:.2f}")  # fmt: skip
+        _panels(
+            layers,
+            "similarity",
+            out / f"{prefix}_similarity.png",
+            "output similarity: mean cos of two experts' outputs on the tokens they share",
+            cmap="coolwarm",
+            vmin=-1.0,
+            vmax=1.0,
+            fmt="{:.2f}",
+        )  # fmt: skip
     )
     return paths
 

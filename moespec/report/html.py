@@ -81,7 +81,9 @@ def _experts(model: dict[str, Any]) -> str:
     for li, layer in enumerate(model["layers"]):
         rows = []
         for ex in layer["experts"]:
-            share = " ".join(f"{_tok(r['text'])} {100 * r['share']:.1f}%" for r in ex["top_by_share"])
+            share = " ".join(
+                f"{_tok(r['text'])} {100 * r['share']:.1f}%" for r in ex["top_by_share"]
+            )
             lift = " ".join(f"{_tok(r['text'])} ×{r['lift']:.1f}" for r in ex["top_by_lift"])
             snippets = "<br>".join(
                 f"{_e(a)}<b>[{_e(b)}]</b>{_e(c)}"
@@ -112,8 +114,12 @@ def write_html(report: dict[str, Any], figures: dict[str, list[Path]], path: Pat
     parts += [f'<p class="note">{_e(n)}</p>' for n in data.get("notes", [])]
     parts += ["<h2>Summary (layer means)</h2>", _summary(report)]
     parts += ["<h2>Layer-wise summary</h2>", _img(figures["summary"][0], "layer-wise summary")]
-    titles = {"load": "Expert load", "expert_domain": "Expert × domain routing share",
-              "coactivation": "Expert co-activation", "similarity": "Expert output similarity"}
+    titles = {
+        "load": "Expert load",
+        "expert_domain": "Expert × domain routing share",
+        "coactivation": "Expert co-activation",
+        "similarity": "Expert output similarity",
+    }
     for kind, title in titles.items():
         if kind not in figures:
             continue

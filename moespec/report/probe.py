@@ -68,7 +68,9 @@ def routing_probe(model: nn.Module, vocab_size: int, num_domains: int) -> Iterat
             own = "record_expert_outputs" in r.__dict__
             saved.append((r, r.stats, r.__dict__.get("record_expert_outputs"), own))
             r.stats = s
-            object.__setattr__(r, "record_expert_outputs", probe._record(s, r.record_expert_outputs))
+            object.__setattr__(
+                r, "record_expert_outputs", probe._record(s, r.record_expert_outputs)
+            )
         yield probe
     finally:
         for r, old_stats, old_record, own in saved:
