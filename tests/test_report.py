@@ -28,8 +28,15 @@ DOMAINS = {
 def smoke_run(run_train, tmp_path_factory) -> Path:
     """A 4-step smoke run with a checkpoint."""
     run_dir = tmp_path_factory.mktemp("report_run") / "run"
-    proc = run_train(["experiment=smoke", "trainer.max_steps=4", "trainer.progress=false",
-                      "wandb.enabled=false", f"hydra.run.dir={run_dir}"])  # fmt: skip
+    proc = run_train(
+        [
+            "experiment=smoke",
+            "trainer.max_steps=4",
+            "trainer.progress=false",
+            "wandb.enabled=false",
+            f"hydra.run.dir={run_dir}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -200,6 +207,7 @@ def test_page_embeds_every_figure(report):
     assert "http" not in page and "<script" not in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
 def test_page_renders_in_headless_chromium_with_every_figure_loaded(report, tmp_path):
     from moespec.report.browser import image_status, screenshot
@@ -236,9 +244,10 @@ def _fails(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
+    lines = capsys.readouterr().err.strip().splitlines()  # log lines may come first
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0]
+    return errors[0]
 
 
 def test_bad_input_is_one_error_line(smoke_run, tmp_path, capsys, monkeypatch_module):
