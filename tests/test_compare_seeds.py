@@ -111,6 +111,9 @@ def test_pairs_only_common_seeds_and_one_seed_is_not_significant():
 def test_same_seed_twice_is_an_error_and_cli_prints_the_groups(runs_root, capsys):
     with pytest.raises(ValueError, match="trainer.seed=1"):
         group_by_seed([["loss=a", "trainer.seed=1"], ["trainer.seed=1", "loss=a"]])
+    rerun = find_runs([runs_root / "aux_only_s1", runs_root / "aux_only_s0"])
+    rerun[1].overrides = list(rerun[0].overrides)  # the same recipe and seed twice
+    assert seed_table(rerun) is None
     assert main([str(runs_root), "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "runs grouped by trainer.seed" in out

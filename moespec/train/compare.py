@@ -280,8 +280,11 @@ def seed_groups(runs: list[Run]) -> tuple[list[SeedGroup], list[str]]:
 def seed_table(runs: list[Run]) -> str | None:
     """Mean ± standard deviation over the seeds of each group, and each group's paired
     difference from the first with its 95% t interval (``*``: the interval excludes 0).
-    None when no group holds two seeds."""
-    groups, labels = seed_groups(runs)
+    None when no group holds two seeds, or when two runs share overrides and seed."""
+    try:
+        groups, labels = seed_groups(runs)
+    except ValueError:  # the same recipe and seed twice (a rerun): nothing to pair by seed
+        return None
     if not any(len(g.members) > 1 for g in groups):
         return None
     head = [f"{lab} (seeds {','.join(map(str, g.seeds))})" for lab, g in zip(labels, groups)]
