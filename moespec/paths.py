@@ -34,3 +34,9 @@ def torch_extensions_dir() -> Path:
         Path(os.environ.get("MOESPEC_CACHE", Path.home() / ".cache" / "moespec"))
         / "torch_extensions"
     )
+
+
+def default_cache_dir() -> Path:
+    """``$MOESPEC_CACHE`` or ``~/.cache/moespec``."""
+    env = os.environ.get("MOESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moespec"

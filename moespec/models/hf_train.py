@@ -27,12 +27,12 @@ from ..hooks import find_moe_blocks
 from ..paths import recipes_dir
 from ..routing import LossConfig, Router, RouterConfig, validate_router_config
 from .hf import (
-    SUPPORTED_MODEL_TYPES,
     AttachHandle,
     _gate_of,
     attach,
     load_hf_model,
     model_type_of,
+    moe_blocks,
     set_model_aux_loss,
 )
 from .tiny import LMOutput, lm_output
@@ -64,7 +64,7 @@ def _smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer converted from its GGUF file once, kept in moespec's cache."""
     from transformers import AutoTokenizer
 
-    from ..train.data import default_cache_dir
+    from ..paths import default_cache_dir
     from .upcycle import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
@@ -249,45 +249,6 @@ class HFCausalLM(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return out if rank == 0 else None
-
-
-# ------------------------------------------------------------- one routed expert pass
-
-
-def share_expert_pass(handle: AttachHandle) -> None:
-    """Let each block's experts reuse the raw outputs its probe computed for the losses.
-
-    With an orthogonality weight the probe runs each token's k experts once (with gradient);
-    the block's experts then combine those outputs with the gate weights instead of running
-    the experts a second time. Same sum as the block's own loop, half the expert compute.
-    """
-    for probe in handle.probes:
-        experts = probe.experts
-        if "_moespec_shared" in experts.__dict__:
-            continue
-        stash: dict[str, torch.Tensor] = {}
-        record, own_forward = probe.record_expert_outputs, experts.forward
-
-        def record_and_keep(outputs: torch.Tensor, _record=record, _stash=stash) -> None:
-            _stash["raw"] = outputs
-            _record(outputs)
-
-        def forward(hidden_states, top_k_index, top_k_weights, _stash=stash, _own=own_forward):
-            raw = _stash.pop("raw", None)
-            usable = (
-                raw is not None
-                and raw.shape[:2] == top_k_index.shape
-                and raw.shape[0] == hidden_states.shape[0]
-                and (raw.requires_grad or not torch.is_grad_enabled())
-            )
-            if not usable:
-                return _own(hidden_states, top_k_index, top_k_weights)
-            out = (raw * top_k_weights.unsqueeze(-1).to(raw.dtype)).sum(1)
-            return out.to(hidden_states.dtype)
-
-        object.__setattr__(probe, "record_expert_outputs", record_and_keep)
-        experts.forward = forward
-        experts.__dict__["_moespec_shared"] = True
 
 
 # ------------------------------------------------------------------ expert parallel
@@ -600,10 +561,8 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
             f"{model_vocab}; use the model's tokenizer or data.vocab_size <= {model_vocab}"
         )
     model.train()
-    model_type = model_type_of(model)
     if cfg.moe.backend == "deepspeed":
-        if model_type not in SUPPORTED_MODEL_TYPES or not find_moe_blocks(model):
-            attach(model, cfg.loss).detach()  # raises the error naming what was found
+        moe_blocks(model)  # raises the error naming what was found
         convert_expert_parallel(model, cfg.loss, cfg.moe)
         set_model_aux_loss(model, False)  # routing now runs in moespec's router
         handle = None
@@ -617,7 +576,6 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
         model = _apply_lora(model, m.lora)
     if cfg.moe.backend == "native":
         handle = attach(model, cfg.loss)
-        share_expert_pass(handle)
     wrapper = HFCausalLM(model, lora=m.lora.enabled, tokenizer_dir=hf_tokenizer_dir(cfg))
     wrapper.handle = handle
     return wrapper
@@ -633,5 +591,4 @@ __all__ = [
     "hf_data_tokenizer",
     "hf_tokenizer_dir",
     "resolve_model_path",
-    "share_expert_pass",
 ]
