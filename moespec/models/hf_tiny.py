@@ -72,21 +72,27 @@ SMALL: dict[str, Any] = {
 }
 
 
-def moe_model_types() -> list[str]:
-    """Model types whose modeling module declares experts with ``use_experts_implementation``."""
+def moe_families() -> dict[str, list[str]]:
+    """Each MoE family (modeling module) of the installed transformers and its model types.
+
+    A family's modeling module declares experts with ``use_experts_implementation``; its model
+    types are listed with the family's own name first, then its ``*_text`` configs.
+    """
     from transformers.models.auto.configuration_auto import (
         CONFIG_MAPPING_NAMES,
         model_type_to_module_name,
     )
 
     root = Path(importlib.util.find_spec("transformers.models").origin).parent  # type: ignore[arg-type]
-    out = []
+    families: dict[str, list[str]] = {}
     for model_type in sorted(CONFIG_MAPPING_NAMES):
         module = model_type_to_module_name(model_type)
         path = root / module / f"modeling_{module}.py"
         if path.is_file() and "@use_experts_implementation" in path.read_text():
-            out.append(model_type)
-    return out
+            families.setdefault(module, []).append(model_type)
+    for module, types in families.items():
+        types.sort(key=lambda t: (t != module, not t.endswith("_text"), t))
+    return families
 
 
 def _short_layer_list(values: list, n: int) -> list:
@@ -95,6 +101,32 @@ def _short_layer_list(values: list, n: int) -> list:
         return ["sparse" if "sparse" in map(str, values) else "moe"] * n
     kinds = list(dict.fromkeys(values))
     return [kinds[i % len(kinds)] for i in range(n)]
+
+
+def _fit(text: Any, known: set[str], kw: dict[str, Any], n: int) -> None:
+    """Sizes that must agree with each other (rope dims, per-layer lists, state-space heads)."""
+    if "qk_rope_head_dim" in known:
+        kw["head_dim"] = kw.get("qk_rope_head_dim", text.qk_rope_head_dim)
+    if "mlp_layer_types" in known and getattr(text, "mlp_layer_types", None) is None:
+        kw["mlp_layer_types"] = ["sparse"] * n
+    if isinstance(getattr(text, "per_layer_config", None), dict):
+        kw["per_layer_config"] = {
+            k: v for k, v in text.per_layer_config.items() if isinstance(k, int) and k < n
+        }
+    for key in ("moe_intermediate_size", "moe_num_experts"):
+        default = getattr(text, key, None)
+        if isinstance(default, list) and key in kw:
+            kw[key] = [kw[key]] * len(default)
+    if "mamba_n_heads" in known:
+        kw.update(mamba_n_heads=8, mamba_d_head=8)
+    if "mamba_num_heads" in known:
+        kw.update(mamba_num_heads=8, mamba_head_dim=8)
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    if "mrope_section" in rope:
+        head = kw.get("qk_rope_head_dim") or kw.get("head_dim", 8)
+        half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
+        rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+        kw["rope_parameters"] = rope
 
 
 def _text_key(config: Any) -> str | None:
@@ -115,19 +147,57 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     if "q_lora_rank" in known and text.__dict__.get("q_lora_rank") is None:
         kw.pop("q_lora_rank", None)
     n = int(kw.get("num_hidden_layers", 2))
+    _fit(text, known, kw, n)
     for key in ("layer_types", "mlp_layer_types"):
         value = getattr(text, key, None)
-        if isinstance(value, list) and value:
+        settable = not isinstance(getattr(type(text), key, None), property)
+        if settable and isinstance(value, list) and value:
             kw[key] = _short_layer_list(value, n)
     pattern = getattr(text, "hybrid_override_pattern", None)
     if isinstance(pattern, str) and pattern:
         kw["hybrid_override_pattern"] = "".join(_short_layer_list(list(dict.fromkeys(pattern)), n))
     kw.update(overrides)
     key = _text_key(default)
+    try:
+        return _build_config(model_type, key, text, kw)
+    except Exception as err:  # the family validates head counts: retry with plain MHA
+        if "num_key_value_heads" not in str(err):
+            raise
+        return _build_config(model_type, key, text, {**kw, "num_key_value_heads": 4})
+
+
+def _build_config(model_type: str, key: str | None, text: Any, kw: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
     if key is None:
         return AutoConfig.for_model(model_type, **kw)
     config = AutoConfig.for_model(model_type, **{key: {**text.to_dict(), **kw}})
     return config.get_text_config()
+
+
+def causal_lm_class(config: Any) -> type[nn.Module]:
+    """The causal LM class of a (text) config; its text model when it has no LM head class."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        pass
+    module = sys.modules[type(config).__module__.replace("configuration_", "modeling_")]
+    owned = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and getattr(c, "config_class", None) is type(config)
+        and not c.__name__.endswith("PreTrainedModel")
+    ]
+    for suffix in ("ForCausalLM", "Model"):
+        found = [c for c in owned if c.__name__.endswith(suffix)]
+        if found:
+            return found[0]
+    raise ValueError(f"no causal LM or text model class for {type(config).__name__}")
 
 
 def tiny_moe_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Module:
@@ -135,11 +205,12 @@ def tiny_moe_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Modul
 
     Router weights get a wide init so that routing differs between tokens.
     """
-    from transformers import AutoModelForCausalLM
+    import importlib
 
-    torch.manual_seed(seed)
     config = tiny_config(model_type, **overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    importlib.import_module(type(config).__module__.replace("configuration_", "modeling_"))
+    torch.manual_seed(seed)
+    model = causal_lm_class(config)._from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for _, block in find_moe_blocks(model):
             for attr in ("gate", "router"):
@@ -150,4 +221,4 @@ def tiny_moe_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Modul
             for name, buf in block.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     buf.normal_(0, 0.3)
-    return model
+    return model.train()
