@@ -44,3 +44,9 @@ def resolve_inside(root: str | Path, path: str | Path) -> Path:
     if target != base and base not in target.parents:
         raise ValueError(f"{path} is outside {base}: refusing to write there")
     return target
+
+
+def default_cache_dir() -> Path:
+    """``$MOESPEC_CACHE`` or ``~/.cache/moespec``."""
+    env = os.environ.get("MOESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moespec"
