@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults
-from .safe_load import CheckpointFileError, SafeCheckpointEngine, safe_torch_load
+from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
 MARKER = "COMPLETE"
 PREFIX = "step"
@@ -215,11 +215,7 @@ def save_checkpoint(
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # an incomplete leftover of the same step
     _barrier()
-    safe = (
-        engine.checkpoint_engine
-        if isinstance(engine.checkpoint_engine, SafeCheckpointEngine)
-        else None
-    )
+    safe = engine.checkpoint_engine if is_safe_engine(engine.checkpoint_engine) else None
     if safe is not None:
         safe.error = None
     engine.save_checkpoint(
@@ -260,7 +256,7 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     """
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+    if not is_safe_engine(engine.checkpoint_engine):
         raise CheckpointFileError(
             f"refusing to load {path}: the engine's checkpoint engine does not load safely"
         )

@@ -83,7 +83,9 @@ def plot_domain_heatmap(
         squeeze=False,
     )  # fmt: skip
     for i, ax in enumerate(axes[0]):
-        counts = joint[i][:, : len(domains)]
+        counts = np.zeros((experts, len(domains)))  # a domain with no tokens yet: zeros
+        seen = min(len(domains), joint.shape[2])
+        counts[:, :seen] = joint[i][:, :seen]
         share = counts / np.clip(counts.sum(1, keepdims=True), 1e-12, None)
         heatmap(ax, share, xlabel="domain", ylabel="expert" if i == 0 else "", cmap="magma",
                 vmax=1.0, xticklabels=domains, title=f"layer {i}: P(domain | expert)")  # fmt: skip
