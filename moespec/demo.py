@@ -1,7 +1,8 @@
 """``make demo``: train the tiny MoE LM with and without the specialization losses, compare.
 
 Both runs use DeepSpeed's expert-parallel MoE (``moe.backend=deepspeed moe.ep_size=2``) over
-2 ranks started by the DeepSpeed launcher, on the embedded three-domain corpus.
+2 ranks started by the DeepSpeed launcher, on the embedded three-domain corpus; ends with the
+expert specialization report of both runs on the validation split (``<out>/report``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,6 +80,19 @@ def report(run_dirs: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def write_report(run_dirs: dict[str, Path], out: Path) -> Path:
+    """``moespec-report`` of the runs on their validation split (one process); its page."""
+    cmd = [sys.executable, "-m", "moespec.report", *map(str, run_dirs.values()),
+           "--data", "val", "--names", *run_dirs, "--out", str(out)]  # fmt: skip
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the report failed (exit {proc.returncode})")
+    return out / "report.html"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run both trainings and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -88,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     run_dirs = {loss: launch(loss, args.out.resolve(), args.ranks, args.overrides) for loss in RUNS}
     print("\n" + report(run_dirs))
+    page = write_report(run_dirs, args.out.resolve() / "report")
+    print(f"\nexpert specialization report: {page}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s")
 
 

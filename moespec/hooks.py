@@ -267,18 +267,22 @@ def find_attention_output_projections(model: nn.Module) -> list[AttentionOutput]
     return found
 
 
-_HF_MOE_CLASS = re.compile(r".*(SparseMoeBlock|SparseMoE|MoE|Moe)$")
+_EXPERTS_FLAGS = ("is_concatenated", "is_transposed", "has_gate", "_apply_gate")
+_ROUTER_NAMES = ("gate", "router")
+
+
+def is_hf_experts(module: object) -> bool:
+    """True for experts declared with transformers' ``use_experts_implementation`` (v5)."""
+    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in _EXPERTS_FLAGS)
 
 
 def is_moe_block(module: nn.Module) -> bool:
-    """True for moespec MoE layers and transformers v5 MoE blocks (``*SparseMoeBlock``, ``*MoE``)."""
+    """True for moespec MoE layers and transformers MoE blocks (a router beside decorated experts)."""
     if getattr(module, "is_moespec_moe", False):
         return True
-    name = type(module).__name__
-    if not _HF_MOE_CLASS.match(name):
+    if not is_hf_experts(getattr(module, "experts", None)):
         return False
-    has_router = any(hasattr(module, a) for a in ("gate", "router"))
-    return has_router and hasattr(module, "experts")
+    return any(isinstance(getattr(module, a, None), nn.Module) for a in _ROUTER_NAMES)
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

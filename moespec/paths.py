@@ -34,3 +34,19 @@ def torch_extensions_dir() -> Path:
         Path(os.environ.get("MOESPEC_CACHE", Path.home() / ".cache" / "moespec"))
         / "torch_extensions"
     )
+
+
+def resolve_inside(root: str | Path, path: str | Path) -> Path:
+    """``path`` (relative paths taken from ``root``) resolved, links followed; ``ValueError``
+    when it lies outside ``root``."""
+    base = Path(root).expanduser().resolve()
+    target = (base / Path(path).expanduser()).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{path} is outside {base}: refusing to write there")
+    return target
+
+
+def default_cache_dir() -> Path:
+    """``$MOESPEC_CACHE`` or ``~/.cache/moespec``."""
+    env = os.environ.get("MOESPEC_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moespec"

@@ -347,25 +347,6 @@ def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
     assert logits.shape == (2, 16, VOCAB) and torch.isfinite(logits).all()
 
 
-def _unsupported_config(tmp_path: Path) -> Path:
-    from transformers import PhimoeConfig
-
-    cfg = PhimoeConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-    )
-    path = tmp_path / "phimoe.json"
-    cfg.to_json_file(path)
-    return path
-
-
 def test_errors_are_one_line(train_env, tmp_path):
     cases = {
         "dense": (["model.config=model/configs/llama_tiny.json"], "no MoE blocks found"),
@@ -373,7 +354,6 @@ def test_errors_are_one_line(train_env, tmp_path):
             ["model.config=null", f"model.name_or_path={tmp_path / 'nope'}"],
             "is not a directory; expected a save_pretrained directory",
         ),
-        "unsupported": ([f"model.config={_unsupported_config(tmp_path)}"], "is not supported"),
     }
     procs = {
         name: subprocess.Popen(

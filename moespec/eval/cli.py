@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -44,32 +46,74 @@ def recipe_of(target: Path, overrides: list[str]) -> tuple[list[str], Path | Non
     return [*keep, *overrides], ckpt
 
 
-def run(target: Path, overrides: list[str]) -> dict[str, float]:
-    """Evaluate every set of the composed recipe on ``target``; returns the figures."""
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a run directory or an HF directory, with its recipe and data."""
+
+    cfg: Any
+    data: Any
+    model: Any
+    step: int
+    rank: int
+
+
+def load_model(target: Path, overrides: list[str]) -> LoadedModel:
+    """Rebuild ``target``'s model in a DeepSpeed engine and load its latest checkpoint
+    (``target`` may also name one checkpoint, ``RUN/checkpoints/stepN``).
+
+    A run trained expert parallel over more ranks than are running loads with
+    ``moe.ep_size`` lowered to the number of processes (checkpoints hold experts by global id).
+    A checkpoint that does not fit the recipe's model is a ``ValueError``.
+    """
     import torch.distributed as dist
 
-    from ..train.callbacks.eval_sets import format_table
     from ..train.config import register_configs
     from ..train.trainer import build_engine, build_run_data, init_distributed, validate_recipe
-    from .sets import evaluate_set, load_eval_set, validate_eval_config
 
     register_configs()
+    chosen = None
+    if target.parent.name == "checkpoints":  # one checkpoint of a run: RUN/checkpoints/stepN
+        target, chosen = target.parents[1], target
     args, ckpt = recipe_of(target, overrides)
+    ckpt = chosen or ckpt
+    rank, world = init_distributed()
     cfg = OmegaConf.to_object(check_overrides(args, recipes_dir(), "train"))
-    configs = validate_eval_config(cfg.eval)
-    if not configs:
-        raise ValueError("no evaluation set: give eval=<recipe> or +eval.sets.<name>.source=FILE")
-    rank, _ = init_distributed()
+    if cfg.moe.ep_size > world and dist.is_initialized():
+        args.append(f"moe.ep_size={world}")
+        cfg = OmegaConf.to_object(check_overrides(args, recipes_dir(), "train"))
     validate_recipe(cfg)
     data = build_run_data(cfg, rank)
     engine, model, _ = build_engine(cfg, len(data.tokenizer))
     step = 0
     if ckpt is not None:
-        engine.load_checkpoint(
-            str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False,
-            load_lr_scheduler_states=False,
-        )  # fmt: skip
+        try:
+            engine.load_checkpoint(
+                str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False,
+                load_lr_scheduler_states=False,
+            )  # fmt: skip
+        except RuntimeError as err:
+            first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+            raise ValueError(
+                f"{ckpt}: the checkpoint does not fit the model of {target}'s recipe ({first})"
+            ) from None
         step = int(ckpt.name.removeprefix("step"))
+    return LoadedModel(cfg, data, model, step, rank)
+
+
+def run(target: Path, overrides: list[str]) -> dict[str, float]:
+    """Evaluate every set of the composed recipe on ``target``; returns the figures."""
+    import torch.distributed as dist
+
+    from ..train.callbacks.eval_sets import format_table
+    from .sets import evaluate_set, load_eval_set, validate_eval_config
+
+    loaded = load_model(target, overrides)
+    cfg, data, model, step, rank = (
+        loaded.cfg, loaded.data, loaded.model, loaded.step, loaded.rank
+    )  # fmt: skip
+    configs = validate_eval_config(cfg.eval)
+    if not configs:
+        raise ValueError("no evaluation set: give eval=<recipe> or +eval.sets.<name>.source=FILE")
     out_dir = target / "eval"
     device = next(model.parameters()).device
     figures: dict[str, float] = {}

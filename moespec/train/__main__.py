@@ -74,7 +74,9 @@ def _shared_run_dir(argv: list[str]) -> list[str]:
 @hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from ..moe.backend import BackendUnavailableError
+    from .checkpoint import CheckpointSaveError
     from .config import TrainConfig
+    from .preempt import Preempted
     from .trainer import TrainingError, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -84,8 +86,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         summary = train(typed, run_dir)
+    except Preempted as stop:
+        raise SystemExit(stop.code) from None
     except (
         TrainingError,
+        CheckpointSaveError,
         BackendUnavailableError,
         ValueError,
         FloatingPointError,

@@ -4,7 +4,10 @@ A checkpoint is the directory ``<run>/checkpoints/step{N:08d}``. DeepSpeed write
 model/optimizer shards there; every rank adds its RNG states; rank 0 writes the trainer
 state and, after a barrier, the ``COMPLETE`` marker (atomically, last). Resumption only
 ever considers directories that carry the marker, so a write interrupted at any point is
-never taken as a checkpoint.
+never taken as a checkpoint; old checkpoints are deleted only after the marker of the new one.
+A write error on any rank (a full disk) is agreed by all ranks and raised as one
+:class:`CheckpointSaveError`; the incomplete directory is removed. Every file is read back with
+:func:`~moespec.train.safe_load.safe_torch_load`, which never runs code from it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import faults
+from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
 MARKER = "COMPLETE"
 PREFIX = "step"
@@ -81,11 +87,19 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written (a full disk, a write error); one line."""
+
+
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states of this process."""
+    """Python, NumPy and torch RNG states of this process, as tensors and plain data."""
+    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            **np_state,
+            "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()},
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -95,11 +109,20 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):
+        key = np.asarray(np_state["state"]["key"], dtype=np.uint32)
+        np_state = {**np_state, "state": {**np_state["state"], "key": key}}
+    np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(obj: Any) -> Any:
+    """``random.setstate`` wants tuples where a loaded state may hold lists."""
+    return tuple(_as_tuples(v) for v in obj) if isinstance(obj, list | tuple) else obj
 
 
 def tag_for(step: int) -> str:
@@ -130,6 +153,49 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _written(path: Path, write: Any) -> OSError | None:
+    """Run ``write()`` between the fault points of ``path``; its write error, if any."""
+    try:
+        faults.point(f"before-{path.name}")
+        write()
+        faults.point(f"after-{path.name}")
+    except OSError as err:
+        return err
+    except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
+        return OSError(str(err).splitlines()[0])
+    return None
+
+
+def _agree(error: OSError | None, path: Path, ckpt_root: Path) -> None:
+    """Raise on every rank if any rank failed to write; rank 0 removes the incomplete files."""
+    if not _any_rank(error is not None):
+        return
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    _barrier()
+    latest = latest_checkpoint(ckpt_root)
+    what = error if error is not None else "another rank failed to write its part"
+    raise CheckpointSaveError(
+        f"could not write checkpoint {path}: {what}; the previous complete checkpoint is "
+        f"kept: {latest or 'none'}"
+    )
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_root: Path,
@@ -141,39 +207,59 @@ def save_checkpoint(
     """Save engine + trainer state for ``step``; marks it complete last; prunes old ones.
 
     ``rank_state`` is this rank's own state (beside its RNG states), given back by
-    :func:`load_checkpoint` as ``trainer_state["rank"]``.
+    :func:`load_checkpoint` as ``trainer_state["rank"]``. A write error on any rank raises
+    :class:`CheckpointSaveError` on every rank.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tag = tag_for(step)
-    path = ckpt_root / tag
+    rank = _rank()
+    path = ckpt_root / tag_for(step)
     if rank == 0 and path.exists():
         shutil.rmtree(path)  # an incomplete leftover of the same step
     _barrier()
+    safe = engine.checkpoint_engine if is_safe_engine(engine.checkpoint_engine) else None
+    if safe is not None:
+        safe.error = None
     engine.save_checkpoint(
-        str(ckpt_root), tag=tag, client_state={"moespec": trainer_state}, save_latest=False
+        str(ckpt_root), tag=path.name, client_state={"moespec": trainer_state}, save_latest=False
     )
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({"rng": rng_state(), **(rank_state or {})}, path / f"rank{rank}_state.pt")
-    _barrier()  # every rank has written its files: one process per node flushes the tree
-    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
-        fsync_tree(path)
-    _barrier()
+    error = safe.error if safe is not None else None
+    if error is None:
+        path.mkdir(parents=True, exist_ok=True)
+        own = {"rng": rng_state(), **(rank_state or {})}
+        rank_file = path / f"rank{rank}_state.pt"
+        error = _written(rank_file, lambda: atomic_torch_save(own, rank_file))
+    _agree(error, path, ckpt_root)
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:  # one process per node flushes the tree
+        error = _written(path / ".fsync", lambda: fsync_tree(path))
+    _agree(error, path, ckpt_root)
     if rank == 0:
-        atomic_write_text(
-            path / "trainer_state.json", json.dumps(_jsonable(trainer_state), indent=2)
+        text = json.dumps(_jsonable(trainer_state), indent=2)
+        error = _written(
+            path / "trainer_state.json",
+            lambda: atomic_write_text(path / "trainer_state.json", text),
         )
-        atomic_write_text(path / MARKER, f"step {step}\n")
-        if keep > 0:
-            for old in complete_checkpoints(ckpt_root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        error = error or _written(
+            path / MARKER, lambda: atomic_write_text(path / MARKER, f"step {step}\n")
+        )
+    _agree(error, path, ckpt_root)
+    if rank == 0 and keep > 0:  # only now that the new one is complete
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return path
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Load engine state from a complete checkpoint; returns the trainer state."""
+    """Load engine state from a complete checkpoint; returns the trainer state.
+
+    A tampered or truncated file is a :class:`~moespec.train.safe_load.CheckpointFileError`
+    naming it, raised before anything of it is run.
+    """
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    if not is_safe_engine(engine.checkpoint_engine):
+        raise CheckpointFileError(
+            f"refusing to load {path}: the engine's checkpoint engine does not load safely"
+        )
     try:
         _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     except RuntimeError as err:
@@ -182,14 +268,14 @@ def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
             "was it written by another recipe or another moespec version?"
         ) from None
     if client is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CheckpointFileError(f"DeepSpeed found no checkpoint it could load in {path}")
+    rank = _rank()
     state = dict(client["moespec"])
     rank_file = path / f"rank{rank}_state.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    rank_state = safe_torch_load(rank_file) if rank_file.is_file() else {}
     older = path / f"rng_rank{rank}.pt"  # checkpoints of earlier versions: RNG states only
     if not rank_state and older.is_file():
-        rank_state = {"rng": torch.load(older, weights_only=False)}
+        rank_state = {"rng": safe_torch_load(older)}
     if "rng" in rank_state:
         set_rng_state(rank_state.pop("rng"))
     state["rank"] = rank_state

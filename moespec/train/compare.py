@@ -5,6 +5,8 @@
 
 Each argument is a run directory (it holds ``metrics.jsonl``) or a sweep directory whose
 sub-directories are runs. Runs are labelled by the Hydra overrides that differ between them.
+Runs that differ only in ``trainer.seed`` form a group: a second table gives each group's
+mean ± standard deviation and its paired difference from the first group with a 95% interval.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 
 from ..routing.losses import LOSSES
 from .logging import run_level
+from .seeds import SeedGroup, group_by_seed, mean_std, paired_difference
 
 #: Metric names of runs logged before the loss weights were named after their losses.
 LEGACY_KEYS = {
@@ -257,6 +260,53 @@ def markdown_table(runs: list[Run], labels: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _pm(mean: float, sd: float) -> str:
+    return _fmt(mean) if not math.isfinite(sd) else f"{_fmt(mean)} ± {sd:.2g}"
+
+
+def seed_groups(runs: list[Run]) -> tuple[list[SeedGroup], list[str]]:
+    """Runs grouped by every override but ``trainer.seed``, and a label per group (the
+    overrides that differ between groups, else the first run's directory name)."""
+    kept = [[o for o in r.overrides if _describes_run(o)] for r in runs]
+    groups = group_by_seed(kept)
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in g.overrides) for g in groups]
+    keys = sorted({k for p in parsed for k in p})
+    differing = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    labels = [" ".join(f"{k}={p[k]}" for k in differing if k in p) or runs[g.members[0]].path.name
+              for p, g in zip(parsed, groups)]  # fmt: skip
+    return groups, labels
+
+
+def seed_table(runs: list[Run]) -> str | None:
+    """Mean ± standard deviation over the seeds of each group, and each group's paired
+    difference from the first with its 95% t interval (``*``: the interval excludes 0).
+    None when no group holds two seeds, or when two runs share overrides and seed."""
+    try:
+        groups, labels = seed_groups(runs)
+    except ValueError:  # the same recipe and seed twice (a rerun): nothing to pair by seed
+        return None
+    if not any(len(g.members) > 1 for g in groups):
+        return None
+    head = [f"{lab} (seeds {','.join(map(str, g.seeds))})" for lab, g in zip(labels, groups)]
+    head += [f"{lab} − {labels[0]} [95% CI]" for lab in labels[1:]]
+    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for key, label, _ in table_rows(runs):
+        by_seed = [{seed: runs[i].summary[key] for i, seed in zip(g.members, g.seeds)
+                    if key in runs[i].summary} for g in groups]  # fmt: skip
+        cells = [_pm(*mean_std(list(v.values()))) if v else "-" for v in by_seed]
+        for other in by_seed[1:]:
+            d = paired_difference(by_seed[0], other)
+            if d is None:
+                cells.append("-")
+            elif len(d.seeds) < 2:
+                cells.append(f"{d.mean:+.3g} (1 seed)")
+            else:
+                star = " *" if d.significant else ""
+                cells.append(f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{star}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(runs: list[Run], labels: list[str], path: Path) -> Path:
     """One panel per metric of ``PLOT_METRICS`` that any run logged, one line per run."""
     from .plots import plot_metric_curves
@@ -316,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows, indent=2))
         else:
             print(markdown_table(runs, labels))
+            if grouped := seed_table(runs):
+                print("\nruns grouped by trainer.seed (mean ± std; * = 95% interval excludes 0):")
+                print(grouped)
         if note:
             print(note, file=sys.stderr if args.json else sys.stdout)
         sys.stdout.flush()

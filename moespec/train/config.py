@@ -17,6 +17,7 @@ from ..models.tiny import TinyMoEConfig
 from ..moe.config import MoEConfig
 from ..routing.config import LossConfig
 from .data import DataConfig
+from .preempt import parse_signals
 
 
 @dataclass
@@ -103,18 +104,40 @@ class TrainerConfig:
     stop_after: int = 0
     collapse_patience: int = 3
     progress: bool = True
-    fail_on_nonfinite: bool = True
+    nonfinite: str = "error"
+    max_skipped_steps: int = 10
+    spike_factor: float = 0.0
+    spike_window: int = 20
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    preempt_exit_code: int = 75
+    collective_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        minimum = {"keep_checkpoints": 0, "stop_after": 0, "save_every": 0}
+        minimum = {"keep_checkpoints": 0, "stop_after": 0, "save_every": 0, "max_skipped_steps": 0}
         for name in (
             "max_steps", "log_every", "eval_every", "eval_batches", "plot_every", "save_every",
-            "collapse_patience", "keep_checkpoints", "stop_after",
+            "collapse_patience", "keep_checkpoints", "stop_after", "max_skipped_steps",
+            "spike_window",
         ):  # fmt: skip
             low = minimum.get(name, 1)
             if getattr(self, name) < low:
                 raise ValueError(f"trainer.{name} must be >= {low}, got {getattr(self, name)}")
+        parse_signals(list(self.preempt_signals))
+        if self.nonfinite not in ("error", "skip"):
+            raise ValueError(f"trainer.nonfinite={self.nonfinite!r}; valid: error, skip")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):
+            raise ValueError(
+                f"trainer.spike_factor must be 0 (off) or > 1, got {self.spike_factor}"
+            )
+        if not 1 <= self.preempt_exit_code <= 255:
+            raise ValueError(
+                f"trainer.preempt_exit_code must be in 1..255, got {self.preempt_exit_code}"
+            )
+        if not self.collective_timeout_s > 0:
+            raise ValueError(
+                f"trainer.collective_timeout_s must be > 0, got {self.collective_timeout_s}"
+            )
 
 
 @dataclass

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from moespec.paths import default_cache_dir
 from moespec.train import corpus
 from moespec.train.packing import ExampleRows, length_grouped_order
 from moespec.train.sft import (
@@ -154,12 +155,6 @@ class PackedDataset(Dataset):
     def num_tokens(self) -> int:
         """Number of input tokens over all sequences."""
         return self._n * self.seq_len
-
-
-def default_cache_dir() -> Path:
-    """``$MOESPEC_CACHE`` or ``~/.cache/moespec``."""
-    env = os.environ.get("MOESPEC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moespec"
 
 
 def _hash(obj: Any) -> str:

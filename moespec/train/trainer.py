@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,12 +36,15 @@ from ..routing import (
     validate_loss_config,
 )
 from . import checkpoint as ckpt
-from .callbacks import Callback, MicroBatch, default_callbacks
+from . import faults, safe_load
+from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
 from .compare import CompareError, load_run
 from .config import TrainConfig
 from .data import DataBundle, batch_iterator, build_data, validate_data_config
+from .guard import StepGuard
 from .launch import free_port
 from .logging import MetricsLogger, run_level
+from .preempt import Preempted, PreemptionHandler
 
 log = logging.getLogger("moespec")
 
@@ -52,8 +56,14 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------- distributed
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA).
+
+    ``timeout_s`` bounds every collective of the process group: a rank left waiting for one
+    that died raises instead of hanging.
+    """
+    from datetime import timedelta
+
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:
@@ -61,7 +71,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
@@ -91,6 +101,12 @@ def validate_recipe(cfg: TrainConfig) -> None:
     validate_loss_config(cfg.loss)
     cfg.optim.validate()
     cfg.trainer.validate()
+    faults.parse(os.environ.get(faults.ENV, ""))
+    if cfg.trainer.nonfinite == "skip" and cfg.deepspeed.zero_stage == 0:
+        raise TrainingError(
+            "trainer.nonfinite=skip needs deepspeed.zero_stage >= 1 (its optimizer drops a step "
+            "with non-finite gradients); got deepspeed.zero_stage=0"
+        )
     if cfg.trainer.resume not in ("none", "auto", ""):
         ckpt.resolve_resume(cfg.trainer.resume, Path())  # an explicit checkpoint must exist
     deepspeed_config(cfg)
@@ -214,6 +230,10 @@ class Trainer:
         routers = iter_routers(model)
         self.loss_weights = routers[0].loss_weights.as_dict() if routers else {}
         self.logger: MetricsLogger | None = None
+        tc = cfg.trainer
+        self.guard = StepGuard(tc.nonfinite, tc.spike_factor, tc.spike_window, tc.max_skipped_steps)
+        self.skip_cause: str | None = None  # why this optimizer step is skipped
+        self.preemption = PreemptionHandler(list(tc.preempt_signals))
 
     @property
     def is_log_step(self) -> bool:
@@ -261,14 +281,24 @@ class Trainer:
         scale = trained * share if step_tokens > 0 else 0.0
         lm_term = out.loss if scale == 1.0 else out.lm_loss * scale + (out.model_aux_loss or 0)
         loss = lm_term + routed.total
+        if faults.nan_due():
+            loss = loss * math.nan
         lm, tot = float(out.lm_loss.detach()), float(loss.detach())
-        finite = all_reduce_floats([0.0 if math.isfinite(tot) else 1.0], op="max")[0] == 0.0
-        if not finite and self.cfg.trainer.fail_on_nonfinite:
+        bad, peak = all_reduce_floats(
+            [0.0 if math.isfinite(tot) else 1.0, tot if math.isfinite(tot) else -math.inf], op="max"
+        )
+        cause = "non-finite loss" if bad else self.guard.cause(peak)
+        if bad and not self.guard.skip_nonfinite:
             latest = ckpt.latest_checkpoint(self.ckpt_root)
             raise TrainingError(
                 f"non-finite loss at step {self.step} (lm={lm:.4g}, total={tot:.4g}); stopped "
                 f"without saving; last complete checkpoint: {latest or 'none'}"
             )
+        self.skip_cause = self.skip_cause or cause
+        if self.skip_cause is None:
+            self.guard.accept(peak)
+        else:  # non-finite gradients: the engine's optimizer drops the whole step
+            loss = loss * math.nan
         self.engine.backward(loss)
         self.engine.step()
         clear_router_losses(self.model)
@@ -279,9 +309,32 @@ class Trainer:
         """One optimizer step over this rank's micro-batches (``gradient_accumulation_steps``)."""
         counts = [int((b["labels"] != -100).sum()) for b in batches]  # trained tokens
         step_tokens = all_reduce_floats([float(sum(counts))])[0]
-        for batch, trained in zip(batches, counts):
-            self._call("on_micro_batch", self.micro_batch(batch, trained, step_tokens))
+        self.skip_cause, skipped_before = None, self.engine.skipped_steps
+        micros = [self.micro_batch(b, trained, step_tokens) for b, trained in zip(batches, counts)]
+        if self.skip_cause is not None:
+            self._skipped(skipped_before)
+            return
+        for micro in micros:
+            self._call("on_micro_batch", micro)
         step_score_biases(self.model)
+
+    def _skipped(self, skipped_before: int) -> None:
+        """Account for an optimizer step skipped by the guard (``trainer.nonfinite=skip``)."""
+        if self.engine.skipped_steps == skipped_before:
+            raise TrainingError(
+                f"step {self.step}: the optimizer applied a step with non-finite gradients; "
+                "trainer.nonfinite=skip and trainer.spike_factor need an optimizer that drops "
+                "such steps (ZeRO stage 1 or 2; with bf16, deepspeed.extra.bf16.check_grad_overflow=true)"
+            )
+        if self.rank == 0:
+            self.logger.alert(self.step, f"optimizer step {self.step} skipped: {self.skip_cause}")
+        if self.guard.step_done(skipped=True):
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            raise TrainingError(
+                f"{self.guard.in_a_row} optimizer steps in a row skipped (trainer.max_skipped_steps="
+                f"{self.guard.max_skipped}), the last at step {self.step}: {self.skip_cause}; "
+                f"last complete checkpoint: {latest or 'none'}"
+            )
 
     def fit(self) -> None:
         """Run the steps after ``start_step`` up to ``trainer.max_steps`` (or a stop)."""
@@ -289,13 +342,41 @@ class Trainer:
         gas = self.cfg.deepspeed.gradient_accumulation_steps
         for step in range(self.start_step + 1, self.total_steps + 1):
             self.step, self.metrics, self.window = step, {}, None
+            faults.set_step(step)
             started = time.perf_counter()
             self.train_step([next(self.batches) for _ in range(gas)])
+            if self.skip_cause is None:
+                self.guard.step_done(skipped=False)
+            if self.guard.total and self.is_log_step:
+                self.metrics["train/skipped_steps"] = float(self.guard.total)
             self.step_seconds = time.perf_counter() - started
             self._call("on_step_end")
+            faults.point("step")
+            if self.preempted():
+                self.stop_for_preemption()
             if self.should_stop:
                 break
         self._call("on_train_end")
+
+    def preempted(self) -> bool:
+        """Whether any rank received a preemption signal (a collective, once per step)."""
+        if not self.preemption.signals:
+            return False
+        return all_reduce_floats([float(self.preemption.received is not None)], op="max")[0] > 0
+
+    def stop_for_preemption(self) -> None:
+        """Checkpoint this step (unless just saved) and raise :class:`Preempted`."""
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None or latest.name != ckpt.tag_for(self.step):
+            next(cb for cb in self.callbacks if isinstance(cb, Checkpointing)).save(self)
+        code = self.cfg.trainer.preempt_exit_code
+        if self.rank == 0:
+            log.warning(
+                "preempted after step %d: checkpoint %s written; exit %d, resume with "
+                "trainer.resume=auto", self.step, ckpt.tag_for(self.step), code,
+            )  # fmt: skip
+        self.logger.finish(None)
+        raise Preempted(self.step, code, self.preemption.received or "a signal on another rank")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -374,6 +455,7 @@ def _resume(trainer: Trainer, resume_from: Path) -> None:
     state = ckpt.load_checkpoint(trainer.engine, resume_from)
     trainer.start_step = state["step"]
     trainer.batches.load_state_dict(state["sampler"])
+    trainer.guard.load_state_dict(state.get("guard", {}))
     changed = restore_loss_weights(trainer.model, state.get("weights"))
     trainer.load_callback_states(state["rank"])
     routers = iter_routers(trainer.model)
@@ -430,8 +512,9 @@ def train(
 
     ``callbacks`` run after the default ones (:func:`~moespec.train.callbacks.default_callbacks`).
     """
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.trainer.collective_timeout_s)
     validate_recipe(cfg)
+    faults.configure(rank)
     torch.manual_seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     if cfg.moe.ep_size > world:
@@ -440,6 +523,7 @@ def train(
         )
     data = build_run_data(cfg, rank)
     engine, model, scheduler = build_engine(cfg, len(data.tokenizer))
+    safe_load.install(engine)
     micro = cfg.deepspeed.micro_batch_size
     if len(data.train) < micro * world:
         raise TrainingError(
@@ -464,5 +548,10 @@ def train(
             )  # fmt: skip
         return json.loads(done.read_text())
     _open_logger(trainer, resumed=resume_from is not None)
-    trainer.fit()
+    trainer.preemption.install()
+    try:
+        trainer.fit()
+    finally:
+        if not isinstance(sys.exc_info()[1], Preempted):
+            trainer.preemption.uninstall()
     return _finish(trainer)

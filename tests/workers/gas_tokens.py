@@ -12,6 +12,7 @@ from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
 from moespec.routing import LossConfig
 from moespec.train.config import TrainConfig
+from moespec.train.guard import StepGuard
 from moespec.train.trainer import Trainer, deepspeed_config, init_distributed
 
 GAS, ROWS, SEQ = 4, 2, 8
@@ -42,7 +43,7 @@ def main() -> None:
     cfg = TrainConfig()
     cfg.deepspeed.gradient_accumulation_steps, cfg.deepspeed.micro_batch_size = GAS, ROWS
     cfg.deepspeed.gradient_clipping, cfg.deepspeed.zero_stage = 0.0, 0
-    cfg.trainer.fail_on_nonfinite = True
+    cfg.trainer.nonfinite = "error"
     net = model()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     engine, _, _, _ = deepspeed.initialize(
@@ -52,6 +53,7 @@ def main() -> None:
     trainer.cfg, trainer.engine, trainer.model, trainer.callbacks = cfg, engine, net, []
     trainer.device, trainer.world, trainer.rank, trainer.step = torch.device("cpu"), 1, 0, 1
     trainer.loss_weights, trainer.ckpt_root = {}, None
+    trainer.guard = StepGuard(cfg.trainer.nonfinite, 0.0, 20, 10)
     trainer.train_step(batches())
     assert engine.is_gradient_accumulation_boundary() or engine.global_steps == 1
 

@@ -1,4 +1,5 @@
-"""Checkpoints every ``trainer.save_every`` steps, at the end and at ``trainer.stop_after``."""
+"""Checkpoints every ``trainer.save_every`` steps, at the end, at ``trainer.stop_after`` and on
+preemption (:meth:`moespec.train.trainer.Trainer.stop_for_preemption`)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Checkpointing(Callback):
             "step": trainer.step,
             "sampler": trainer.batches.state_dict(),
             "weights": trainer.loss_weights,
+            "guard": trainer.guard.state_dict(),
         }
         ckpt.save_checkpoint(
             trainer.engine, trainer.ckpt_root, trainer.step, state,

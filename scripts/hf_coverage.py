@@ -1,0 +1,336 @@
+"""Coverage of moespec over every MoE family of the installed transformers.
+
+Each family whose modeling code declares experts with ``use_experts_implementation`` is built
+tiny from its config class (``moespec.models.hf_tiny``; its language model when multimodal)
+and checked, each in its own forked process:
+
+- attach: ``moespec.models.hf.attach`` finds its MoE blocks;
+- logits: attached logits equal the unattached model's (1e-5, float32, train and eval);
+- losses: the probe's losses equal ``moespec.routing.losses`` on the router's own scores and
+  on raw expert outputs from a per-token loop over the model's eager experts;
+- train: 3 AdamW steps with ``loss=specialization`` (LM loss + routing losses), finite;
+- export: ``save_pretrained`` loads back in plain transformers with equal logits.
+
+    python scripts/hf_coverage.py [--only gpt_oss,jamba] [--write docs/hf_models.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moespec.models.hf_tiny import moe_families, tiny_moe_model  # noqa: E402
+
+COLUMNS = ("attach", "logits", "losses", "train", "export")
+TABLE_START = "<!-- coverage table: scripts/hf_coverage.py -->"
+TABLE_END = "<!-- end coverage table -->"
+VOCAB = 64
+
+
+def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)  # routers with jitter or sampling draw the same noise
+    out = model(input_ids=ids, use_cache=False)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+def _loss_config(**weights: float):
+    from moespec.routing import LossConfig
+
+    cfg = LossConfig()
+    for name, w in weights.items():
+        getattr(cfg, name).weight = w
+    return cfg
+
+
+def check_logits(model, ids: torch.Tensor) -> None:
+    from moespec.models.hf import attach
+
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            ref = _outputs(model, ids)
+        cfg = _loss_config(aux=1e-2, orthogonality=1e-2, variance=1e-2, z=1e-3)
+        with attach(model, cfg), torch.no_grad():
+            got = _outputs(model, ids)
+        err = (got - ref).abs().max().item()
+        if err > 1e-5:
+            raise AssertionError(f"logits differ by {err:.2e} ({'train' if mode else 'eval'})")
+
+
+def reference_raw_outputs(experts, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Slow reference [T,k,H]: the model's eager experts, one token and one expert at a time."""
+    from moespec.models.experts import own_implementation
+
+    eager = own_implementation(experts, "eager")
+    one = torch.ones(1, 1, dtype=x.dtype)
+    rows = []
+    for t in range(x.shape[0]):
+        rows.append(
+            torch.stack(
+                [
+                    eager(experts, x[t : t + 1], idx[t : t + 1, j : j + 1], one)[0]
+                    for j in range(idx.shape[1])
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def check_losses(model, ids: torch.Tensor) -> None:
+    from moespec.hooks import HookRegistry
+    from moespec.models.hf import attach
+    from moespec.routing import losses as L
+
+    model.train()
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    reg = HookRegistry()
+    cfg = _loss_config(aux=1e-2, orthogonality=1e-2, variance=1e-2, z=1e-3)
+    with attach(model, cfg) as handle, torch.no_grad():
+        for i, p in enumerate(handle.probes):
+            rec = seen.setdefault(i, {})
+
+            def router_hook(m, a, o, rec=rec):
+                rec["first"] = (o[0] if isinstance(o, tuple) else o).detach()
+
+            def experts_hook(m, a, kw, rec=rec):
+                args = list(a) + list(kw.values())
+                rec["x"], rec["idx"] = args[0].detach(), args[1].detach()
+
+            reg.add_forward("check", p.gate, router_hook)
+            reg.add_forward_pre("check", p.experts, experts_hook, with_kwargs=True)
+        with reg.group("check"):
+            _outputs(model, ids)
+        for i, p in enumerate(handle.probes):
+            rec = seen[i]
+            first = rec["first"].reshape(-1, p.num_experts).float()
+            if p.spec.router_output == "probs":
+                scores, logits = first, first.clamp_min(1e-20).log()
+            elif p.config.score_func == "sigmoid":
+                s = first.sigmoid()
+                scores, logits = s / s.sum(-1, keepdim=True), first
+            else:
+                scores, logits = first.softmax(-1), first
+            idx = rec["idx"]
+            raw = reference_raw_outputs(p.experts, rec["x"], idx).float()
+            expected = {
+                "aux": L.load_balancing_loss(scores, idx, p.num_experts),
+                "variance": L.variance_loss(scores),
+                "z": L.z_loss(logits),
+                "orthogonality": L.orthogonality_loss(raw, "projection"),
+            }
+            for name, value in expected.items():
+                got = p.raw_losses[name].detach().float()
+                if not torch.allclose(got, value, atol=1e-6, rtol=1e-3):
+                    raise AssertionError(
+                        f"layer {i} {name}: {got.item():.6g} != {value.item():.6g}"
+                    )
+
+
+def check_train(model, ids: torch.Tensor) -> list[float]:
+    from omegaconf import OmegaConf
+
+    from moespec.models.hf import attach
+    from moespec.models.tiny import lm_output
+    from moespec.routing import LossConfig
+
+    loss_cfg = OmegaConf.merge(
+        OmegaConf.structured(LossConfig), OmegaConf.load(ROOT / "recipes/loss/specialization.yaml")
+    )
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    totals = []
+    with attach(model, loss_cfg) as handle:
+        for _ in range(3):
+            logits = _outputs(model, ids)
+            if logits.shape[-1] != VOCAB:
+                raise AssertionError("no LM head class (text model only)")
+            lm = lm_output(logits[:, :-1], ids[:, 1:]).loss
+            total = lm + handle.collect_losses().total
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            totals.append(float(total))
+    if not all(torch.isfinite(torch.tensor(totals))):
+        raise AssertionError(f"non-finite loss {totals}")
+    return totals
+
+
+def check_export(model, ids: torch.Tensor) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from moespec.models.hf import save_hf_model
+
+    model.eval()
+    with torch.no_grad():
+        ref = _outputs(model, ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_model(model, tmp)
+        plain = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = _outputs(plain, ids)
+    err = (got - ref).abs().max().item()
+    if err > 1e-5:
+        raise AssertionError(f"reloaded logits differ by {err:.2e}")
+
+
+def _reason(err: BaseException) -> str:
+    text = (str(err).splitlines() or [""])[0].strip()
+    if "validation error" in text.lower():
+        cause = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        text = cause[0] if cause else text
+    text = text.replace("|", "/")
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+def check_family(family: str, model_types: list[str]) -> dict:
+    """Every column for one family; the first model type that builds is the one checked."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    row = {"family": family, "model_type": model_types[0], "blocks": 0, "reason": ""}
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    build_errors = []
+    for mt in model_types:
+        try:
+            model = tiny_moe_model(mt)
+            _outputs(model, ids)
+            row["model_type"] = mt
+            break
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            build_errors.append(err)
+    else:
+        row["reason"] = "tiny build: " + _reason(build_errors[0])
+        return row
+    steps = (
+        ("attach", lambda: row.update(blocks=_count_blocks(model))),
+        ("logits", lambda: check_logits(model, ids)),
+        ("losses", lambda: check_losses(model, ids)),
+        ("train", lambda: row.update(train_losses=check_train(model, ids))),
+        ("export", lambda: check_export(model, ids)),
+    )
+    for name, step in steps:
+        try:
+            step()
+            row[name] = True
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            row[name] = False
+            row["reason"] = row["reason"] or f"{name}: {_reason(err)}"
+    return row
+
+
+def _count_blocks(model) -> int:
+    from moespec.models.hf import moe_blocks
+
+    return len(moe_blocks(model)[2])
+
+
+def _run(family: str, timeout: float) -> dict:
+    """One family in a fresh interpreter, with a memory cap and a time limit."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+
+    cmd = [sys.executable, __file__, "--worker", family]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {
+            "family": family,
+            "model_type": family,
+            "blocks": 0,
+            "reason": f"timeout {timeout:.0f} s",
+        }
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1][:160].replace("|", "/")
+        return {"family": family, "model_type": family, "blocks": 0, "reason": f"crashed: {tail}"}
+    return json.loads(lines[-1])
+
+
+def markdown(rows: list[dict], command: str, seconds: float) -> str:
+    import transformers
+
+    passed = [r for r in rows if all(r.get(c) for c in COLUMNS)]
+    lines = [
+        TABLE_START,
+        f"`{command}` (transformers {transformers.__version__}, torch {torch.__version__}, CPU, "
+        f"{seconds:.0f} s): **{len(passed)} of {len(rows)} families pass every column.**",
+        "",
+        "| family | model type | MoE blocks | " + " | ".join(COLUMNS) + " | reason |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for r in rows:
+        marks = " | ".join("yes" if r.get(c) else ("no" if c in r else "-") for c in COLUMNS)
+        lines.append(
+            f"| {r['family']} | {r['model_type']} | {r['blocks']} | {marks} | {r['reason']} |"
+        )
+    lines.append(TABLE_END)
+    return "\n".join(lines)
+
+
+def write_table(path: Path, table: str) -> None:
+    text = path.read_text() if path.is_file() else ""
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        text = head + table + rest.split(TABLE_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Coverage\n\n" + table + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated families (default: all)")
+    parser.add_argument("--jobs", type=int, default=2, help="families checked at once")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    parser.add_argument("--write", default="", help="markdown file to write the table into")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    families = moe_families()
+    if args.worker:
+        row = check_family(args.worker, families[args.worker])
+        print(json.dumps(row))
+        return
+    only = [f for f in args.only.split(",") if f]
+    unknown = [f for f in only if f not in families]
+    if unknown:
+        parser.error(f"unknown families {unknown}; valid: {', '.join(families)}")
+    start = time.perf_counter()
+    rows = []
+    command = "python scripts/hf_coverage.py" + (f" --only {args.only}" if only else "")
+    todo = only or list(families)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(lambda f: _run(f, args.timeout), todo):
+            ok = all(row.get(c) for c in COLUMNS)
+            print(f"{row['family']:24s} {'PASS' if ok else 'FAIL'} {row['reason']}", flush=True)
+            rows.append(row)
+            if args.write:  # after each family, so an interrupted run keeps what it checked
+                done = f"{len(rows)} of {len(todo)} checked"
+                table = markdown(rows, command, time.perf_counter() - start)
+                write_table(
+                    Path(args.write), table.replace(" families pass", f" families ({done}) pass")
+                )
+    print(markdown(rows, command, time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()
