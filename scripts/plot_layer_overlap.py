@@ -10,7 +10,6 @@ as a table, so the figure's numbers can be quoted.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -20,18 +19,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from moespec.train.compare import CompareError, load_run  # noqa: E402
+
 _LAYER = re.compile(r"^layer(\d+)/routing/output_overlap$")
 
 
 def read_rows(run: Path) -> list[dict]:
-    """The training rows of ``run/metrics.jsonl`` that carry the overlap metric."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run} a run directory?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "routing/output_overlap" in r]
+    """The rows of ``run``'s history (as ``moespec-compare`` reads it) that carry the overlap."""
+    rows = [r for r in load_run(run).history if "routing/output_overlap" in r]
     if not rows:
-        raise ValueError(f"{path}: no row has routing/output_overlap")
+        raise CompareError(f"{run / 'metrics.jsonl'}: no row has routing/output_overlap")
     return rows
 
 
@@ -72,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = {run.name: read_rows(run) for run in args.runs}
-    except (OSError, ValueError) as err:
+    except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     plot(runs, args.out)
