@@ -104,6 +104,7 @@ class TrainerConfig:
     collapse_patience: int = 3
     progress: bool = True
     fail_on_nonfinite: bool = True
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""

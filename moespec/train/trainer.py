@@ -105,7 +105,17 @@ def validate_recipe(cfg: TrainConfig) -> None:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The model of ``cfg.model`` with the MoE backend and losses of ``cfg``."""
+    """The model of ``cfg.model`` with the MoE backend and losses of ``cfg`` (activation
+    checkpointing on with ``trainer.activation_checkpointing``)."""
+    model = _build_model(cfg, vocab_size)
+    if cfg.trainer.activation_checkpointing:
+        from ..models.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     if cfg.model.type == "tiny":
         from ..models.tiny import TinyMoEConfig, TinyMoELM
 
