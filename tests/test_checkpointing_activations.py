@@ -42,7 +42,11 @@ def _step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict, list, dict]:
     stats += [{f"pending{e}": float(c) for e, c in enumerate(row)} for row in pending]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     biases = [r.score_correction_bias.clone() for r in iter_routers(model)]
-    return {"per_layer": routed.per_layer, "total": float(routed.total.detach()), "biases": biases}, stats, grads
+    return (
+        {"per_layer": routed.per_layer, "total": float(routed.total.detach()), "biases": biases},
+        stats,
+        grads,
+    )
 
 
 def _flat(rows: list[dict]) -> dict[str, float]:
@@ -124,7 +128,11 @@ def _hf_step(model, handle, ids):
     stats = handle.collect_stats(all_reduce=False)
     stats += [{f"count{e}": c for e, c in enumerate(row)} for row in counts]
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"per_layer": routed.per_layer, "total": float(routed.total.detach()), "biases": []}, stats, grads
+    return (
+        {"per_layer": routed.per_layer, "total": float(routed.total.detach()), "biases": []},
+        stats,
+        grads,
+    )
 
 
 def test_hf_checkpointing_equals_plain():
