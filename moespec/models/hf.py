@@ -33,6 +33,7 @@ from ..routing import (
     iter_routers,
 )
 from ..routing.router import ATTACHED_ROUTER_ATTR
+from .lora import adapted, base_module
 
 logger = logging.getLogger("moespec")
 
@@ -55,7 +56,7 @@ def model_type_of(model: nn.Module) -> str:
 
 def _gate_of(block: nn.Module) -> nn.Module:
     for attr in ("gate", "router"):
-        gate = getattr(block, attr, None)
+        gate = base_module(getattr(block, attr, None))
         if isinstance(gate, nn.Module) and isinstance(getattr(gate, "weight", None), torch.Tensor):
             return gate
     raise ValueError(
@@ -110,7 +111,7 @@ class HFRouterProbe(Router):
     ) -> None:
         nn.Module.__init__(self)  # Router.__init__ would create a new gate weight
         gate = _gate_of(block)
-        experts = getattr(block, "experts", None)
+        experts = base_module(getattr(block, "experts", None))
         num_experts, hidden = gate.weight.shape
         _check_experts(experts, num_experts, hidden, type(block).__name__)
         sigmoid = model_type in _SIGMOID_MODEL_TYPES
@@ -154,10 +155,11 @@ class HFRouterProbe(Router):
         )
         self._compute_losses(out)
         if self.wants_expert_outputs():
-            self.record_expert_outputs(routed_expert_outputs(self.experts, x, idx))
+            with adapted(self.block.experts) as experts:  # LoRA on the expert weights
+                self.record_expert_outputs(routed_expert_outputs(experts, x, idx))
         elif self.track_stats and self.track_overlap:
-            with torch.no_grad():
-                self.record_expert_outputs(routed_expert_outputs(self.experts, x, idx))
+            with torch.no_grad(), adapted(self.block.experts) as experts:
+                self.record_expert_outputs(routed_expert_outputs(experts, x, idx))
         return out
 
     def replay(self, hidden_states: torch.Tensor, gate_output: tuple[torch.Tensor, ...]) -> None:

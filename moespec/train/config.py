@@ -21,7 +21,8 @@ from .data import DataConfig
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters for Hugging Face models (via peft)."""
+    """LoRA adapters for Hugging Face models (via peft): on ``target_modules`` (linear layers),
+    on the fused expert weights (``experts``) and on the router (``router_lora``)."""
 
     enabled: bool = False
     rank: int = 8
@@ -31,6 +32,8 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     train_router: bool = True
+    experts: bool = False  # LoRA on the fused 3-D expert weights (peft target_parameters)
+    router_lora: bool = False  # LoRA on the router weight, which then stays frozen
 
 
 @dataclass
