@@ -157,11 +157,7 @@ def test_reentrant_with_routing_losses_is_refused():
     from moespec.models.hf import attach
 
     hf = _hf_model()
-    with attach(hf, LOSS):
-        with pytest.raises(ValueError, match="use_reentrant=False"):
-            enable_activation_checkpointing(hf, reentrant=True)
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-        with pytest.raises(RuntimeError, match="without gradient"):
-            hf(input_ids=torch.randint(0, 128, (1, 8)), use_cache=False)
+    with attach(hf, LOSS), pytest.raises(ValueError, match="use_reentrant=False"):
+        enable_activation_checkpointing(hf, reentrant=True)
     off = LossConfig(aux=AuxLossConfig(weight=0.0))
     enable_activation_checkpointing(TinyMoELM(tiny.config, loss=off), reentrant=True)

@@ -326,24 +326,12 @@ def _make_gate_hook(probe: HFRouterProbe):
                 f"transformers v5 tuple (router_logits, top_k_weights, top_k_index)"
             )
         probe.training = module.training
-        if module.training and not torch.is_grad_enabled() and probe.gate.weight.requires_grad:
-            _refuse_gradless_losses(probe)
         if torch._C._current_graph_task_id() == -1:
             probe.observe(args[0], output)
         else:
             probe.replay(args[0], output)
 
     return hook
-
-
-def _refuse_gradless_losses(probe: HFRouterProbe) -> None:
-    weighted = [a.name for a in probe.losses if probe.loss_weights.is_on(a.name)]
-    if weighted:
-        raise RuntimeError(
-            f"{probe.name or probe.model_type}: routing losses {weighted} computed without "
-            "gradient in a training-mode forward (reentrant activation checkpointing, or "
-            "torch.no_grad with model.train()); use use_reentrant=False, or model.eval()"
-        )
 
 
 def iter_attached_routers(model: nn.Module) -> list[HFRouterProbe]:
