@@ -271,8 +271,17 @@ _EXPERTS_FLAGS = ("is_concatenated", "is_transposed", "has_gate", "_apply_gate")
 _ROUTER_NAMES = ("gate", "router")
 
 
+def base_module(module: Any) -> Any:
+    """``module`` without peft's LoRA wrappers (the module itself when it has none)."""
+    while hasattr(module, "get_base_layer") and hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
 def is_hf_experts(module: object) -> bool:
-    """True for experts declared with transformers' ``use_experts_implementation`` (v5)."""
+    """True for experts declared with transformers' ``use_experts_implementation`` (v5),
+    also when peft wraps them (LoRA on the fused expert weights)."""
+    module = base_module(module)
     return isinstance(module, nn.Module) and all(hasattr(module, a) for a in _EXPERTS_FLAGS)
 
 

@@ -22,8 +22,10 @@ def moespec_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_env(moespec_cache) -> dict[str, str]:
     """Environment for training subprocesses: offline wandb, shared caches, one thread."""
+    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    # an in-process test may have set the launcher variables; a subprocess picks its own
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in launcher_vars},
         "MOESPEC_CACHE": str(moespec_cache),
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",

@@ -30,6 +30,7 @@ from ..routing import (
 )
 from ..routing.router import ATTACHED_ROUTER_ATTR
 from . import experts as X
+from .lora import base_module
 from .probe import HFRouterProbe
 from .specs import COVERED_MODEL_TYPES, MoESpec, spec_for
 
@@ -53,7 +54,7 @@ def model_type_of(model: nn.Module) -> str:
 def _gate_of(block: nn.Module) -> nn.Module:
     """The block's router module that holds a weight (``gate`` or ``router``)."""
     for attr in ("gate", "router"):
-        gate = getattr(block, attr, None)
+        gate = base_module(getattr(block, attr, None))
         if isinstance(gate, nn.Module) and isinstance(getattr(gate, "weight", None), torch.Tensor):
             return gate
     raise ValueError(

@@ -10,7 +10,6 @@ plain transformers checkpoint (LoRA merged, experts gathered from every expert-p
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -22,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..hooks import find_moe_blocks
 from ..paths import recipes_dir
 from .expert_parallel import (
     EP_MODEL_TYPES,
@@ -31,12 +29,12 @@ from .expert_parallel import (
 )
 from .hf import (
     AttachHandle,
-    _gate_of,
     attach,
     load_hf_model,
     moe_blocks,
     set_model_aux_loss,
 )
+from .lora import apply_lora, lora_gates, plain_name
 from .tiny import LMOutput, lm_output
 
 logger = logging.getLogger("moespec")
@@ -201,7 +199,7 @@ class HFCausalLM(nn.Module):
             for key, value in self.state_dict(keep_vars=False).items():
                 if not key.startswith(prefix) or key.startswith(skip) or "lora_" in key:
                     continue
-                name = key[len(prefix) :].replace(".base_layer.", ".")
+                name = plain_name(key[len(prefix) :])
                 state[name] = value.detach().clone()
             for n, sd in gathered.items():
                 block = n[len(prefix) :]
@@ -253,58 +251,7 @@ class HFCausalLM(nn.Module):
 
 # ------------------------------------------------------------------------------ LoRA
 
-
-def _apply_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
-    """peft LoRA adapters on ``target_modules``; the router weights stay trainable when asked."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = list(lora_cfg.target_modules)
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise ValueError(
-            f"model.lora.target_modules {unknown} match no module of {type(model).__name__}; "
-            f"e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
-        )
-    peft_cfg = PeftLoraConfig(
-        r=lora_cfg.rank,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=targets,
-        bias="none",
-    )
-    gates = {id(g) for g in _gates(model)}
-    peft_model = get_peft_model(model, peft_cfg)
-    routers = 0
-    for mod in peft_model.modules():
-        if isinstance(mod, HFExpertParallelBlock):
-            params = [mod.router.weight]
-        elif id(mod) in gates:
-            params = [mod.weight]
-        else:
-            continue
-        for p in params:
-            p.requires_grad_(bool(lora_cfg.train_router))
-            routers += 1
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    logger.info(
-        "LoRA rank %d on %s; router weights %s (%d); %d trainable parameters",
-        lora_cfg.rank,
-        targets,
-        "trainable" if lora_cfg.train_router else "frozen",
-        routers,
-        trainable,
-    )
-    return peft_model
-
-
-def _gates(model: nn.Module) -> list[nn.Module]:
-    out = []
-    for _, block in find_moe_blocks(model):
-        with contextlib.suppress(ValueError):
-            out.append(_gate_of(block))
-    return out
+_apply_lora, _gates = apply_lora, lora_gates  # the LoRA code lives in moespec.models.lora
 
 
 # ----------------------------------------------------------------------------- build

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..routing import LossConfig, Router, RouterConfig, RouterOutput
 from . import experts as X
+from .lora import base_module
 from .specs import MoESpec, first_attr, router_of
 
 
@@ -56,9 +57,9 @@ class HFRouterProbe(Router):
         name: str = "",
     ) -> None:
         nn.Module.__init__(self)  # Router.__init__ would create a new gate weight
-        experts = block.experts
+        experts = base_module(block.experts)  # peft's ParamWrapper adapts it in place
         X.check_experts(experts, name or type(block).__name__)
-        router = router_of(block, spec)
+        router = base_module(router_of(block, spec))
         if router is None:
             raise ValueError(
                 f"{name or type(block).__name__} ({type(block).__name__}) has no router module "

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..moe import MoEConfig, build_moe_layer
-from ..routing import LossConfig
+from ..routing import LossConfig, iter_routers
+from .checkpointing import recomputing, replaying
 
 
 @dataclass
@@ -126,6 +128,24 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_norm(x), cos, sin, mask)
         return x + self.mlp(self.post_attn_norm(x))
 
+    def checkpointed(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The forward under non-reentrant activation checkpointing: activations are
+        recomputed in backward, where the routers keep what the first forward recorded."""
+
+        def run(*args: torch.Tensor | None) -> torch.Tensor:
+            if not recomputing():
+                return self(*args)
+            with replaying(iter_routers(self)):
+                return self(*args)
+
+        return checkpoint(run, x, cos, sin, mask, use_reentrant=False)
+
 
 def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask [B,1,S,S] from ``document_ids`` [B,S]: a token attends to
@@ -199,6 +219,11 @@ class TinyMoELM(nn.Module):
         cos, sin = rotary_tables(cfg.max_seq_len, head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward (non-reentrant) while training."""
+        self.activation_checkpointing = enabled
 
     def _init_weights(self, std: float) -> None:
         """Embeddings and attention get ``std``; MoE layers keep their own init."""
@@ -236,8 +261,9 @@ class TinyMoELM(nn.Module):
                 self.rope_sin.to(x.device)[pos][:, None],
             )
         mask = None if document_ids is None else document_mask(document_ids.to(x.device))
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = layer.checkpointed(x, cos, sin, mask) if ckpt else layer(x, cos, sin, mask)
         return lm_output(self.lm_head(self.norm(x)), labels, ignore_index)
 
     def num_parameters(self) -> int:

@@ -85,23 +85,26 @@ def variance_loss(scores: torch.Tensor) -> torch.Tensor:
 
 
 class _Gram(torch.autograd.Function):
-    """``Y Yᵀ`` per batch with the one-matmul backward ``(dG + dGᵀ) Y`` (autograd's takes two)."""
+    """``Y Yᵀ`` per batch in float32 (float64 stays float64) with the one-matmul backward
+    ``(dG + dGᵀ) Y``. ``Y`` is saved in its own dtype and upcast again in backward, so no
+    float32 copy of the [T,k,H] outputs is kept for backward (half the bytes of bf16 kept)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, y: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(y)
-        return torch.bmm(y, y.transpose(1, 2))
+        yc = y.to(_compute_dtype(y))
+        return torch.bmm(yc, yc.transpose(1, 2))
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), y)
+        return torch.bmm(grad + grad.transpose(1, 2), y.to(grad.dtype)).to(y.dtype)
 
 
 def gram(expert_outputs: torch.Tensor) -> torch.Tensor:
-    """Per-token Gram matrix ``G[t,i,j] = <y_ti, y_tj>`` of the k raw outputs [T,k,H]."""
-    y = expert_outputs.to(_compute_dtype(expert_outputs))
-    return _Gram.apply(y)
+    """Per-token Gram matrix ``G[t,i,j] = <y_ti, y_tj>`` [T,k,k] of the k raw outputs [T,k,H],
+    in float32 (float64 for float64 outputs)."""
+    return _Gram.apply(expert_outputs)
 
 
 def orthogonality_loss(expert_outputs: torch.Tensor, variant: str = "projection") -> torch.Tensor:

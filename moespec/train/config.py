@@ -22,7 +22,8 @@ from .preempt import parse_signals
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters for Hugging Face models (via peft)."""
+    """LoRA adapters for Hugging Face models (via peft): on ``target_modules`` (linear layers),
+    on the fused expert weights (``experts``) and on the router (``router_lora``)."""
 
     enabled: bool = False
     rank: int = 8
@@ -32,6 +33,8 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     train_router: bool = True
+    experts: bool = False  # LoRA on the fused 3-D expert weights (peft target_parameters)
+    router_lora: bool = False  # LoRA on the router weight, which then stays frozen
 
 
 @dataclass
@@ -111,6 +114,7 @@ class TrainerConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     preempt_exit_code: int = 75
     collective_timeout_s: float = 1800.0
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""

@@ -45,6 +45,7 @@ from .guard import StepGuard
 from .launch import free_port
 from .logging import MetricsLogger, run_level
 from .preempt import Preempted, PreemptionHandler
+from .zero3 import gathered, register_leaf_blocks, zero3_problem
 
 log = logging.getLogger("moespec")
 
@@ -121,7 +122,17 @@ def validate_recipe(cfg: TrainConfig) -> None:
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    """The model of ``cfg.model`` with the MoE backend and losses of ``cfg``."""
+    """The model of ``cfg.model`` with the MoE backend and losses of ``cfg`` (activation
+    checkpointing on with ``trainer.activation_checkpointing``)."""
+    model = _build_model(cfg, vocab_size)
+    if cfg.trainer.activation_checkpointing:
+        from ..models.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     if cfg.model.type == "tiny":
         from ..models.tiny import TinyMoEConfig, TinyMoELM
 
@@ -168,8 +179,10 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed JSON config of the recipe."""
     ds = cfg.deepspeed
-    if ds.zero_stage not in (0, 1, 2):
-        raise TrainingError(f"deepspeed.zero_stage={ds.zero_stage}; valid with MoE layers: 0, 1, 2")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise TrainingError(f"deepspeed.zero_stage={ds.zero_stage}; valid: 0, 1, 2, 3")
+    if ds.zero_stage == 3 and (problem := zero3_problem(cfg)):
+        raise TrainingError(problem)
     for name in ("micro_batch_size", "gradient_accumulation_steps"):
         if getattr(ds, name) < 1:
             raise TrainingError(f"deepspeed.{name} must be >= 1, got {getattr(ds, name)}")
@@ -431,6 +444,8 @@ def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, vocab).to(_device())
+    if cfg.deepspeed.zero_stage == 3:
+        register_leaf_blocks(model)
     groups = optimizer_groups(model, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(
         groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
@@ -491,7 +506,8 @@ def _open_logger(trainer: Trainer, resumed: bool) -> None:
 def _finish(trainer: Trainer) -> dict[str, float]:
     """Export (HF models), write summary.json and close the logger."""
     if hasattr(trainer.model, "export_pretrained"):  # collective under expert parallel
-        trainer.model.export_pretrained(trainer.run_dir / "hf_model")
+        with gathered(trainer.model):  # ZeRO-3: whole parameters
+            trainer.model.export_pretrained(trainer.run_dir / "hf_model")
     summary = run_level(trainer.last)
     run_dir = trainer.run_dir
     if trainer.rank == 0:
