@@ -21,12 +21,12 @@ from moespec.train import corpus, data
 from moespec.train.data import (
     DataConfig,
     PackedDataset,
-    batch_iterator,
     build_data,
     load_documents,
     render_messages,
     split_documents,
 )
+from moespec.train.sampler import batch_iterator
 
 SMALL = 50_000
 

@@ -24,12 +24,12 @@ import torch
 
 from moespec.train.data import (
     DataConfig,
-    batch_iterator,
     build_data,
     train_bpe_tokenizer,
     validate_data_config,
 )
 from moespec.train.packing import ExampleRows, best_fit_decreasing
+from moespec.train.sampler import batch_iterator
 
 TEXT = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "

@@ -136,7 +136,7 @@ class EvalSet:
 
 def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) -> EvalSet:
     """Tokenize the set's file as the recipe's data would be (its format and fields)."""
-    from ..train.data import _encode_sources, _Sources
+    from ..train.sft_cache import SftSources, encode_sources
 
     overrides = {
         k: getattr(cfg, k)
@@ -146,7 +146,7 @@ def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) 
     fmt = overrides.get("format", data_cfg.format)
     overrides["format"] = "auto" if fmt == "text" else fmt
     set_data = dataclasses.replace(data_cfg, source=cfg.source, **overrides)
-    ids, trained, doms = _encode_sources(set_data, _Sources(set_data), tokenizer)
+    ids, trained, doms = encode_sources(set_data, SftSources(set_data), tokenizer)
     if cfg.max_examples:
         ids, trained, doms = (
             ids[: cfg.max_examples],

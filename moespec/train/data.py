@@ -1,9 +1,9 @@
 """Data pipeline: load documents, train or load a tokenizer, pack into fixed-length sequences.
 
 :func:`build_data` returns train/validation datasets of ``seq_len`` rows, caching the tokenizer
-and token arrays under ``cache_dir``. :func:`batch_iterator` yields deterministic, resumable,
-rank-sharded batches. Every item (and so every batch, with a leading batch dimension) holds
-int64 tensors ``input_ids``, ``labels`` (aligned: label t is the token after t, -100 where not
+and token arrays under ``cache_dir``; :func:`moespec.train.sampler.batch_iterator` yields
+deterministic, resumable, rank-sharded batches. Every item (and so every batch, with a leading
+batch dimension) holds int64 tensors ``input_ids``, ``labels`` (aligned: label t is the token after t, -100 where not
 trained), ``domain_ids`` (-1: no domain, padding), ``position_ids``, ``document_ids`` (the
 example within the row, -1 on padding) and ``attention_mask`` (1 real, 0 padding).
 
@@ -12,7 +12,7 @@ windows of ``seq_len + 1`` tokens, every token trained (one "document" per windo
 ids 0, positions 0..seq_len-1, no padding). The supervised fine-tuning formats
 (``prompt_completion``, ``chat``; :mod:`moespec.train.sft`) give one example per row of the
 data with labels only on the trained tokens, packed several to a row or padded one to a row
-(:mod:`moespec.train.packing`).
+(:mod:`moespec.train.packing`), cached by :mod:`moespec.train.sft_cache`.
 """
 
 from __future__ import annotations
@@ -31,20 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, default_collate
+from torch.utils.data import Dataset
 
 from moespec.paths import default_cache_dir
 from moespec.train import corpus
-from moespec.train.packing import ExampleRows, length_grouped_order
+from moespec.train.packing import ExampleRows
 from moespec.train.sft import (
     FORMATS,
     TRAIN_ON,
     TRUNCATION,
-    ExampleEncoder,
-    check_columns,
-    require_chat_template,
-    resolve_format,
-    row_texts,
     template_fields,
 )
 
@@ -60,7 +55,6 @@ except ImportError:  # pragma: no cover - non-POSIX
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-SFT_CACHE_VERSION = 1
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 DATA_EXTENSIONS: dict[str, str] = {
@@ -475,10 +469,12 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     src_fp = _source_fingerprint(cfg)
     if cfg.format != "text":
-        sources = _Sources(cfg)
+        from moespec.train.sft_cache import SftSources, build_sft  # it builds on this module
+
+        sources = SftSources(cfg)
         formats = sources.formats()
         if "text" not in formats:
-            return _build_sft(cfg, sources, src_fp, cache, tokenizer, rank)
+            return build_sft(cfg, sources, src_fp, cache, tokenizer, rank)
         if formats != {"text"}:
             raise ValueError(
                 "data.format=auto reads these sources as different formats "
@@ -559,383 +555,3 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     if cfg.val_fraction > 0 and len(val) == 0:
         log.warning("validation split is shorter than one sequence of %d tokens", cfg.seq_len)
     return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
-
-
-class _Sources:
-    """The data files of an SFT config, each loaded once, with its (resolved) format."""
-
-    def __init__(self, cfg: DataConfig) -> None:
-        self.cfg = cfg
-        self._loaded: list[tuple[Path, datasets.Dataset, str]] | None = None
-
-    def formats(self) -> set[str]:
-        """Formats of the sources (loads them only for ``format=auto``)."""
-        if self.cfg.source == "embedded":
-            return {"text"}
-        if self.cfg.format != "auto":
-            return {self.cfg.format}
-        return {fmt for _, _, fmt in self.load()}
-
-    def describe(self) -> str:
-        return ", ".join(f"{p.name}: {fmt}" for p, _, fmt in self.load())
-
-    def load(self) -> list[tuple[Path, datasets.Dataset, str]]:
-        if self._loaded is None:
-            cfg = self.cfg
-            hf_cache = Path(cfg.cache_dir or default_cache_dir()) / "hf-datasets"
-            self._loaded = []
-            for path in resolve_sources(cfg.source):
-                ds = _load_one(path, hf_cache)
-                fmt = resolve_format(cfg, ds.column_names)
-                check_columns(cfg, fmt, ds.column_names, str(path))
-                self._loaded.append((path, ds, fmt))
-        return self._loaded
-
-    def num_rows(self) -> int:
-        return sum(len(ds) for _, ds, _ in self.load())
-
-    def rows(self, batch_size: int = 256) -> Iterator[tuple[Path, str, int, list[dict[str, Any]]]]:
-        """``(path, format, first_row, rows)`` batches over all sources in order."""
-        for path, ds, fmt in self.load():
-            cols = ds.column_names
-            for start in range(0, len(ds), batch_size):
-                batch = ds[start : start + batch_size]
-                n = len(batch[cols[0]]) if cols else 0
-                yield path, fmt, start, [{c: batch[c][j] for c in cols} for j in range(n)]
-
-
-def _sft_texts(sources: _Sources, keep: np.ndarray) -> Iterator[str]:
-    """The strings of the rows numbered ``keep`` (to train a BPE tokenizer on)."""
-    wanted = set(keep.tolist())
-    i = 0
-    for _, fmt, _, rows in sources.rows():
-        for row in rows:
-            if i in wanted:
-                yield from row_texts(sources.cfg, fmt, row)
-            i += 1
-
-
-def _encode_sources(cfg: DataConfig, sources: _Sources, tokenizer: Any):
-    """All rows as examples: ``(ids per row, trained per row, domain per row)``."""
-    encoder = ExampleEncoder(cfg, tokenizer)
-    ids: list[list[int]] = []
-    trained: list[list[int]] = []
-    doms: list[str | None] = []
-    for path, fmt, first, rows in sources.rows():
-        if first == 0:
-            log.info("tokenizing %s (data.format=%s)", path, fmt)
-        for x, m in encoder.encode_rows(fmt, rows, str(path), first):
-            ids.append(x)
-            trained.append(m)
-        for row in rows:
-            d = row.get(cfg.domain_field) if cfg.domain_field else None
-            doms.append(None if d is None else str(d))
-    return ids, trained, doms
-
-
-def _build_sft(
-    cfg: DataConfig, sources: _Sources, src_fp: Any, cache: Path, tokenizer: Any, rank: int
-) -> DataBundle:
-    """The prompt/completion and chat formats: one example per row, see :mod:`.sft`."""
-    needs_template = cfg.format == "chat" or cfg.use_chat_template or "chat" in sources.formats()
-    why = "data.format=chat" if not cfg.use_chat_template else "data.use_chat_template=true"
-    if needs_template and tokenizer is None and cfg.tokenizer == "bpe":
-        raise ValueError(
-            f"{why} needs a tokenizer with a chat template, and data.tokenizer=bpe trains one "
-            "without: set data.tokenizer to a local tokenizer directory with a chat template"
-        )
-    texts_key = {
-        "v": SFT_CACHE_VERSION,
-        "source": src_fp,
-        "format": cfg.format,
-        "fields": [
-            cfg.messages_field,
-            cfg.prompt_field,
-            cfg.completion_field,
-            cfg.prompt_template,
-            cfg.domain_field,
-        ],
-        "split": [cfg.val_fraction, cfg.seed],
-    }
-    split = _LazySplit(cfg, sources)
-    if tokenizer is None:
-        tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split)
-    eos = _eos_id(tokenizer)
-    if needs_template:
-        require_chat_template(tokenizer, why)
-    key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
-    data_key = _hash([key, tokenizer_fingerprint(tokenizer)])
-    data_dir = cache / "sft" / data_key
-    with _file_lock(cache / "locks" / f"sft-{data_key}.lock"):
-        if not (data_dir / "meta.json").is_file():
-            _write_sft_cache(data_dir, cfg, sources, tokenizer, split())
-    meta = json.loads((data_dir / "meta.json").read_text())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    train, val = (_load_sft_rows(data_dir, name, cfg, pad, rank) for name in ("train", "val"))
-    if len(train) == 0:
-        st = train.stats
-        raise ValueError(
-            f"no training example left of {st.examples}: {st.too_long} longer than "
-            f"data.seq_len={cfg.seq_len} (data.truncation={cfg.truncation}), {st.untrained} "
-            "with no trained token; raise data.seq_len, set data.truncation=truncate or check "
-            "the data"
-        )
-    if cfg.val_fraction > 0 and len(val) == 0:
-        log.warning("validation split has no example left (data.val_fraction=%s)", cfg.val_fraction)
-    return DataBundle(train, val, tokenizer, list(meta["domains"]), data_dir)
-
-
-class _LazySplit:
-    """The train/val row split of the sources, computed (and the rows counted) on first use."""
-
-    def __init__(self, cfg: DataConfig, sources: _Sources) -> None:
-        self.cfg, self.sources = cfg, sources
-        self._split: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._split is None:
-            n = self.sources.num_rows()
-            if n == 0:
-                raise ValueError(f"data source {self.cfg.source!r} has no rows")
-            self._split = split_documents(n, self.cfg.val_fraction, self.cfg.seed)
-        return self._split
-
-
-def _sft_tokenizer(
-    cfg: DataConfig, sources: _Sources, texts_key: dict[str, Any], cache: Path, split: _LazySplit
-) -> Any:
-    """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows."""
-    if cfg.tokenizer != "bpe":
-        return _load_tokenizer(cfg.tokenizer)
-    tok_dir = cache / "tokenizers" / f"bpe-{_hash([texts_key, cfg.vocab_size])}"
-    with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
-        if not (tok_dir / "tokenizer.json").is_file():
-            train_idx, _ = split()
-            log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
-            tok = train_bpe_tokenizer(_sft_texts(sources, train_idx), cfg.vocab_size)
-            tok_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
-            tok.save_pretrained(str(tmp))
-            _publish_dir(tmp, tok_dir)
-    return _load_tokenizer(str(tok_dir))
-
-
-def _write_sft_cache(
-    data_dir: Path, cfg: DataConfig, sources: _Sources, tokenizer: Any,
-    split: tuple[np.ndarray, np.ndarray],
-) -> None:  # fmt: skip
-    """Tokenize every row and publish each split's tokens, trained flags, offsets, domains."""
-    ids, trained, doms = _encode_sources(cfg, sources, tokenizer)
-    domains = sorted({d for d in doms if d is not None}) if cfg.domain_field else []
-    index = {d: i for i, d in enumerate(domains)}
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
-    for name, idx in zip(("train", "val"), split):
-        rows = idx.tolist()
-        lengths = np.array([len(ids[i]) for i in rows], dtype=np.int64)
-        flat = [t for i in rows for t in ids[i]]
-        flags = [t for i in rows for t in trained[i]]
-        np.save(tmp / f"{name}_tokens.npy", np.array(flat, dtype=dtype))
-        np.save(tmp / f"{name}_trained.npy", np.array(flags, dtype=np.uint8))
-        np.save(tmp / f"{name}_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-        dom = [index.get(doms[i], -1) if doms[i] is not None else -1 for i in rows]
-        np.save(tmp / f"{name}_domains.npy", np.array(dom, dtype=np.int16))
-    meta = {
-        "domains": domains,
-        "num_rows": {"train": len(split[0]), "val": len(split[1])},
-        "vocab": len(tokenizer),
-        "config": asdict(cfg),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    _publish_dir(tmp, data_dir)
-
-
-def _load_sft_rows(data_dir: Path, name: str, cfg: DataConfig, pad: int, rank: int) -> ExampleRows:
-    """One split of the cache as rows (packed or padded), its drop/truncation counts logged."""
-    arrays = [
-        np.load(data_dir / f"{name}_{part}.npy", mmap_mode="r")
-        for part in ("tokens", "trained", "offsets", "domains")
-    ]
-    rows = ExampleRows(
-        *arrays, cfg.seq_len, pad_id=pad, packing=cfg.packing, truncation=cfg.truncation
-    )
-    if rank == 0 and rows.stats.examples:
-        _report_rows(rows, name, cfg)
-    return rows
-
-
-def _report_rows(rows: ExampleRows, split: str, cfg: DataConfig) -> None:
-    st = rows.stats
-    if st.too_long and not st.truncated:
-        log.warning(
-            "%s: dropped %d of %d examples longer than data.seq_len=%d tokens "
-            "(data.truncation=drop)",
-            split, st.too_long, st.examples, cfg.seq_len,
-        )  # fmt: skip
-    if st.truncated:
-        log.warning(
-            "%s: truncated %d of %d examples to data.seq_len=%d tokens (data.truncation=truncate)",
-            split, st.truncated, st.examples, cfg.seq_len,
-        )  # fmt: skip
-    if st.untrained:
-        log.warning(
-            "%s: dropped %d of %d examples with no trained token left",
-            split, st.untrained, st.examples,
-        )  # fmt: skip
-    log.info(
-        "%s: %d examples in %d rows of %d tokens (%s)",
-        split, st.kept, st.rows, cfg.seq_len, "packed" if cfg.packing else "padded",
-    )  # fmt: skip
-
-
-class StatefulBatchSampler(Sampler[list[int]]):
-    """Per-rank index batches from a seeded per-epoch shuffle, resumable at (epoch, position).
-
-    ``batch_size`` is per rank; global batch ``p`` of an epoch is ``batch_size * world_size``
-    consecutive indices of the epoch's permutation, and rank ``r`` gets the ``r``-th slice.
-    With ``lengths`` (one per sample) the permutation is :func:`~.packing.length_grouped_order`:
-    each global batch holds samples of similar length, the batches still in a shuffled order.
-    ``position`` counts global batches already yielded in ``epoch``; iteration runs from
-    there through ``num_epochs`` (forever when None). Under a prefetching ``DataLoader`` the
-    state runs ahead of the consumer: use :func:`batch_iterator` for exact resume.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        shuffle: bool = True,
-        num_epochs: int | None = None,
-        start_batch: int = 0,
-        lengths: Sequence[int] | np.ndarray | None = None,
-    ) -> None:
-        if lengths is not None and len(lengths) != num_samples:
-            raise ValueError(f"got {len(lengths)} lengths for {num_samples} samples")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need batch_size >= 1 and 0 <= rank < world_size, got "
-                f"batch_size={batch_size} rank={rank} world_size={world_size}"
-            )
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.shuffle = shuffle
-        self.num_epochs = num_epochs
-        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
-        g = batch_size * world_size
-        self.batches_per_epoch = num_samples // g if drop_last else -(-num_samples // g)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"dataset of {num_samples} samples has no full global batch of {g} "
-                f"(batch_size={batch_size} x world_size={world_size})"
-            )
-        self.epoch, self.position = divmod(start_batch, self.batches_per_epoch)
-
-    @property
-    def global_batch(self) -> int:
-        """Global batches consumed since the start of epoch 0."""
-        return self.epoch * self.batches_per_epoch + self.position
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Sample order of ``epoch``."""
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.lengths is not None:
-            return length_grouped_order(self.lengths, self.batch_size * self.world_size, rng)
-        return rng.permutation(self.num_samples)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = self.batch_size * self.world_size
-        while self.num_epochs is None or self.epoch < self.num_epochs:
-            if self.position >= self.batches_per_epoch:
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            order = self.order(self.epoch)
-            while self.position < self.batches_per_epoch:
-                start = self.position * g + self.rank * self.batch_size
-                self.position += 1
-                shard = order[start : min(start + self.batch_size, (self.position) * g)]
-                if len(shard):
-                    yield shard.tolist()
-
-    def state_dict(self) -> dict[str, int]:
-        """``epoch`` and ``position`` (global batches done in it), normalized past epoch ends."""
-        epoch, position = divmod(self.global_batch, self.batches_per_epoch)
-        return {"epoch": epoch, "position": position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at ``state['epoch']``, ``state['position']``."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.seed = int(state.get("seed", self.seed))
-
-
-class BatchIterator:
-    """Collated batches from a :class:`StatefulBatchSampler`, with exact-resume state."""
-
-    def __init__(self, dataset: Dataset, sampler: StatefulBatchSampler) -> None:
-        self.dataset = dataset
-        self.sampler = sampler
-        self._it: Iterator[list[int]] | None = None
-
-    def __iter__(self) -> BatchIterator:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._it is None:
-            self._it = iter(self.sampler)
-        indices = next(self._it)
-        return default_collate([self.dataset[i] for i in indices])
-
-    def state_dict(self) -> dict[str, int]:
-        """Sampler state after the batches returned so far."""
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved :meth:`state_dict`."""
-        self.sampler.load_state_dict(state)
-        self._it = None
-
-
-def batch_iterator(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    start_batch: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = True,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    group_by_length: bool = True,
-) -> BatchIterator:
-    """Iterate collated per-rank batches in a seeded shuffled order, from global batch ``start_batch``.
-
-    Resuming with ``start_batch=N`` (or ``load_state_dict``) yields exactly the batches an
-    uninterrupted run yields after its first ``N``; runs forever unless ``num_epochs`` is set.
-    A dataset with ``group_lengths`` (unpacked SFT rows) is batched by similar length unless
-    ``group_by_length`` is false.
-    """
-    sampler = StatefulBatchSampler(
-        len(dataset),
-        batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        start_batch=start_batch,
-        lengths=getattr(dataset, "group_lengths", None) if group_by_length else None,
-    )
-    return BatchIterator(dataset, sampler)

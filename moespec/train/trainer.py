@@ -40,11 +40,12 @@ from . import faults, safe_load
 from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
 from .compare import CompareError, load_run
 from .config import TrainConfig
-from .data import DataBundle, batch_iterator, build_data, validate_data_config
+from .data import DataBundle, build_data, validate_data_config
 from .guard import StepGuard
 from .launch import free_port
 from .logging import MetricsLogger, run_level
 from .preempt import Preempted, PreemptionHandler
+from .sampler import batch_iterator
 from .zero3 import gathered, register_leaf_blocks, zero3_problem
 
 log = logging.getLogger("moespec")

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from ...routing import clear_router_losses, iter_routers
-from ..data import DataBundle, batch_iterator
+from ..data import DataBundle
+from ..sampler import batch_iterator
 from .base import Callback
 
 if TYPE_CHECKING:
