@@ -17,16 +17,16 @@ and checked, each in its own forked process:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import multiprocessing as mp
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
@@ -240,29 +240,63 @@ def _count_blocks(model) -> int:
     return len(moe_blocks(model)[2])
 
 
-def _run(family: str, timeout: float) -> dict:
-    """One family in a fresh interpreter, with a memory cap and a time limit."""
+def _preload() -> None:
+    """Import what every family needs once, so each forked worker starts warm."""
+    import transformers.generation  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from transformers.modeling_utils import unwrap_model
 
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+    import moespec.models.hf  # noqa: F401
+    import moespec.routing  # noqa: F401
 
-    cmd = [sys.executable, __file__, "--worker", family]
+    unwrap_model(torch.nn.Linear(1, 1))  # imports accelerate's model helpers
+
+
+def _worker(family: str, model_types: list[str], conn) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            "family": family,
-            "model_type": family,
-            "blocks": 0,
-            "reason": f"timeout {timeout:.0f} s",
-        }
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1][:160].replace("|", "/")
-        return {"family": family, "model_type": family, "blocks": 0, "reason": f"crashed: {tail}"}
-    return json.loads(lines[-1])
+        row = check_family(family, model_types)
+    except BaseException as err:  # noqa: BLE001 - reported in the table
+        row = {"family": family, "model_type": family, "blocks": 0, "reason": _reason(err)}
+    conn.send(row)
+    conn.close()
+
+
+def _failed(family: str, reason: str) -> dict:
+    return {"family": family, "model_type": family, "blocks": 0, "reason": reason}
+
+
+def run_families(
+    families: dict[str, list[str]], todo: list[str], jobs: int, timeout: float
+) -> Iterator[dict]:
+    """Check each family in its own forked process (``jobs`` at once), yielding rows in order."""
+    ctx = mp.get_context("fork")
+    pending, running, done = list(todo), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            family = pending.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(family, families[family], send))
+            proc.start()
+            send.close()
+            running[family] = (proc, recv, time.perf_counter())
+        wait([r for _, r, _ in running.values()], timeout=5)
+        for family, (proc, recv, started) in list(running.items()):
+            if recv.poll():
+                try:
+                    done[family] = recv.recv()
+                except EOFError:
+                    proc.join()
+                    done[family] = _failed(family, f"crashed (exit {proc.exitcode})")
+            elif time.perf_counter() - started > timeout:
+                proc.kill()
+                done[family] = _failed(family, f"timeout {timeout:.0f} s")
+            else:
+                continue
+            proc.join()
+            del running[family]
+        while todo and todo[0] in done:
+            yield done.pop(todo.pop(0))
 
 
 def markdown(rows: list[dict], command: str, seconds: float) -> str:
@@ -302,14 +336,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="families checked at once")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per family")
     parser.add_argument("--write", default="", help="markdown file to write the table into")
-    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     families = moe_families()
-    if args.worker:
-        row = check_family(args.worker, families[args.worker])
-        print(json.dumps(row))
-        return
     only = [f for f in args.only.split(",") if f]
     unknown = [f for f in only if f not in families]
     if unknown:
@@ -318,17 +347,17 @@ def main() -> None:
     rows = []
     command = "python scripts/hf_coverage.py" + (f" --only {args.only}" if only else "")
     todo = only or list(families)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda f: _run(f, args.timeout), todo):
-            ok = all(row.get(c) for c in COLUMNS)
-            print(f"{row['family']:24s} {'PASS' if ok else 'FAIL'} {row['reason']}", flush=True)
-            rows.append(row)
-            if args.write:  # after each family, so an interrupted run keeps what it checked
-                done = f"{len(rows)} of {len(todo)} checked"
-                table = markdown(rows, command, time.perf_counter() - start)
-                write_table(
-                    Path(args.write), table.replace(" families pass", f" families ({done}) pass")
-                )
+    _preload()
+    for row in run_families(families, list(todo), args.jobs, args.timeout):
+        ok = all(row.get(c) for c in COLUMNS)
+        print(f"{row['family']:24s} {'PASS' if ok else 'FAIL'} {row['reason']}", flush=True)
+        rows.append(row)
+        if args.write:  # after each family, so an interrupted run keeps what it checked
+            done = f"{len(rows)} of {len(todo)} checked"
+            table = markdown(rows, command, time.perf_counter() - start)
+            write_table(
+                Path(args.write), table.replace(" families pass", f" families ({done}) pass")
+            )
     print(markdown(rows, command, time.perf_counter() - start))
 
 
