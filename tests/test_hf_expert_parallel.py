@@ -26,11 +26,12 @@ from moespec.train.launch import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "glm4_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "glm4_moe", "qwen3_moe", "muse_spark_text"])
 def test_gathered_experts_restore_the_class_layout(family: str) -> None:
+    """gpt_oss: transposed, interleaved, biased; muse_spark: a post-expert norm."""
     model = tiny_moe_model(family)
     before = {
-        name: {k: v.detach().clone() for k, v in block.experts.named_parameters()}
+        name: {k: v.detach().clone() for k, v in block.experts.state_dict().items()}
         for name, block in find_moe_blocks(model)
     }
     convert_expert_parallel(model, MoEConfig(backend="deepspeed", ep_size=1))

@@ -52,7 +52,8 @@ class HFExpert(nn.Module):
             if not name.startswith("_") and name not in ("training", "config"):
                 setattr(self, name, value)
         for name, module in experts.named_children():
-            setattr(self, name, module)  # act_fn, post_expert_norm (parameter-free or copied)
+            if name != "post_expert_norm":  # shared by the experts: applied after the dispatch
+                setattr(self, name, module)  # act_fn
         self._gate = type(experts)._apply_gate if experts.has_gate else None
 
     @torch.no_grad()
@@ -70,8 +71,7 @@ class HFExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)
         h = self._gate(self, h) if self._gate is not None else self.act_fn(h)
-        y = self.down(h)
-        return self.post_expert_norm(y) if self.has_post_expert_norm else y
+        return self.down(h)
 
 
 def _deepspeed_experts_class() -> type:
@@ -99,6 +99,10 @@ def _deepspeed_experts_class() -> type:
             for flag in _FLAGS:
                 setattr(self, flag, getattr(experts, flag))
             self._is_expert_parallel = False  # transformers' own expert parallelism: not used
+            # one norm for all experts (not an expert parameter), on each token's home rank
+            self.post_expert_norm = (
+                experts.post_expert_norm if experts.has_post_expert_norm else None
+            )
             self.config = experts.config
             object.__setattr__(self, "_hf_experts_class", type(experts))
 
@@ -111,11 +115,16 @@ def _deepspeed_experts_class() -> type:
             if self.deepspeed_moe.ep_group is None:
                 self.ensure_groups()
             out = self.deepspeed_moe(hidden_states, top_k_index.long(), top_k_weights)
+            raw, combined = out.raw, out.combined
+            if self.post_expert_norm is not None:
+                raw = self.post_expert_norm(raw)
+                combined = (raw.float() * top_k_weights.unsqueeze(-1).float()).sum(dim=1)
             probe = self.__dict__.get(X.PROBE_ATTR)
             if probe is not None:
-                raw = out.raw if probe.needs_expert_outputs() else None
-                probe.observe_choice(top_k_index, top_k_weights, raw)
-            return out.combined.to(hidden_states.dtype)
+                probe.observe_choice(
+                    top_k_index, top_k_weights, raw if probe.needs_expert_outputs() else None
+                )
+            return combined.to(hidden_states.dtype)
 
         @torch.no_grad()
         def gather_hf_state(self) -> dict[str, torch.Tensor]:
@@ -136,7 +145,10 @@ def _deepspeed_experts_class() -> type:
             if self.has_bias:
                 state[first + "_bias"] = parts["proj.bias"]
                 state["down_proj_bias"] = parts["down.bias"]
-            return {k: v.contiguous().cpu() for k, v in state.items()}
+            if self.post_expert_norm is not None:
+                for k, v in self.post_expert_norm.state_dict().items():
+                    state[f"post_expert_norm.{k}"] = v
+            return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
         def _all_gather(self, value: torch.Tensor) -> torch.Tensor:
             group = self.deepspeed_moe.ep_group
