@@ -29,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ from moespec.models.hf_tiny import moe_families, tiny_moe_model  # noqa: E402
 
 COLUMNS = ("attach", "logits", "losses", "train", "export", "ep")
 EP_RANKS = 2
+WALL_PER_CPU = 8  # a family's wall-clock limit, in multiples of its CPU limit (a loaded host)
 TABLE_START = "<!-- coverage table: scripts/hf_coverage.py -->"
 TABLE_END = "<!-- end coverage table -->"
 VOCAB = 64
@@ -265,8 +267,10 @@ def _preload() -> None:
     unwrap_model(torch.nn.Linear(1, 1))  # imports accelerate's model helpers
 
 
-def _worker(family: str, model_types: list[str], conn) -> None:
+def _worker(family: str, model_types: list[str], cpu_limit: float, conn) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+    cpu = int(cpu_limit)  # a forked child's CPU time starts at 0
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))  # SIGXCPU, whatever the load
     try:
         row = check_family(family, model_types)
     except BaseException as err:  # noqa: BLE001 - reported in the table
@@ -289,7 +293,7 @@ def run_families(
         while pending and len(running) < jobs:
             family = pending.pop(0)
             recv, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker, args=(family, families[family], send))
+            proc = ctx.Process(target=_worker, args=(family, families[family], timeout, send))
             proc.start()
             send.close()
             running[family] = (proc, recv, time.perf_counter())
@@ -300,10 +304,12 @@ def run_families(
                     done[family] = recv.recv()
                 except EOFError:
                     proc.join()
-                    done[family] = _failed(family, f"crashed (exit {proc.exitcode})")
-            elif time.perf_counter() - started > timeout:
+                    over = proc.exitcode == -signal.SIGXCPU
+                    why = f"over {timeout:.0f} CPU s" if over else f"crashed (exit {proc.exitcode})"
+                    done[family] = _failed(family, why)
+            elif time.perf_counter() - started > WALL_PER_CPU * timeout:
                 proc.kill()
-                done[family] = _failed(family, f"timeout {timeout:.0f} s")
+                done[family] = _failed(family, f"timeout {WALL_PER_CPU * timeout:.0f} s")
             else:
                 continue
             proc.join()
@@ -331,6 +337,28 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         )
     lines.append(TABLE_END)
     return "\n".join(lines)
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    """The rows of the table already in ``path`` (to keep the families a run did not check)."""
+    text = path.read_text() if path.is_file() else ""
+    if TABLE_START not in text:
+        return {}
+    rows = {}
+    for line in text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 + len(COLUMNS) or cells[0] in ("family", "---"):
+            continue
+        row = {"family": cells[0], "model_type": cells[1], "blocks": int(cells[2] or 0)}
+        row.update({c: v == "yes" for c, v in zip(COLUMNS, cells[3:-1], strict=True) if v != "-"})
+        rows[cells[0]] = {**row, "reason": cells[-1]}
+    return rows
+
+
+def merge_rows(rows: list[dict], previous: dict[str, dict], order: list[str]) -> list[dict]:
+    """``rows`` in place of their families' rows in ``previous``, in ``order``."""
+    fresh = {r["family"]: r for r in rows}
+    return [fresh.get(f) or previous[f] for f in order if f in fresh or f in previous]
 
 
 def write_table(path: Path, table: str) -> None:
@@ -376,7 +404,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="families checked at once")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    parser.add_argument("--timeout", type=float, default=300, help="CPU seconds per family")
     parser.add_argument("--write", default="", help="markdown file to write the table into")
     parser.add_argument("--ep-timeout", type=float, default=1800, help="seconds for the ep launch")
     parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel column")
@@ -392,6 +420,10 @@ def main() -> None:
     command = "python scripts/hf_coverage.py" + (f" --only {args.only}" if only else "")
     command += " --no-ep" if args.no_ep else ""
     todo = only or list(families)
+    # with --only, the other families keep their rows of the table already written
+    previous = read_rows(Path(args.write)) if args.write and only else {}
+    if previous:
+        command += "` (other rows: an earlier run of `python scripts/hf_coverage.py"
     _preload()
     for row in run_families(families, list(todo), args.jobs, args.timeout):
         ok = all(row.get(c) for c in COLUMNS[:-1])
@@ -399,16 +431,20 @@ def main() -> None:
         rows.append(row)
         if args.write:  # after each family, so an interrupted run keeps what it checked
             done = f"{len(rows)} of {len(todo)} checked"
-            table = markdown(rows, command, time.perf_counter() - start)
+            table = markdown(merge_rows(rows, previous, list(families)), command, _since(start))
             write_table(
                 Path(args.write), table.replace(" families pass", f" families ({done}) pass")
             )
     if not args.no_ep:
         run_expert_parallel(rows, args.ep_timeout)
-    table = markdown(rows, command, time.perf_counter() - start)
+    table = markdown(merge_rows(rows, previous, list(families)), command, _since(start))
     if args.write:
         write_table(Path(args.write), table)
     print(table)
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

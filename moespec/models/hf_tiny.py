@@ -29,6 +29,18 @@ SMALL: dict[str, Any] = {
     "moe_intermediate_size": 16,
     "expert_intermediate_size": 16,
     "shared_expert_intermediate_size": 24,
+    "shared_experts_intermediate_size": 24,
+    "shared_intermediate_size": 24,
+    "moe_shared_expert_intermediate_size": 24,
+    "dense_intermediate_size": 48,
+    "moe_hidden_size": 16,  # muse_spark's expert width
+    "router_hidden_size": 16,
+    "q_lora_rank": 16,  # only where the family has a query LoRA (default not None)
+    "o_lora_rank": 16,
+    "swa_head_dim": 8,
+    "ple_embed_dim": 16,
+    "hc_lowrank": 8,
+    "ssm_state_size": 8,
     "ffn_hidden_size": 48,
     "max_position_embeddings": 64,
     # experts: the config names them in many ways
@@ -64,6 +76,8 @@ SMALL: dict[str, Any] = {
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
+    "linear_head_dim": 8,  # glm5_next's delta attention (64 heads of 128 by default)
+    "linear_num_heads": 4,
     "mamba_d_state": 8,
     "mamba_d_conv": 4,
     "mamba_expand": 2,
@@ -175,9 +189,10 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     default = AutoConfig.for_model(model_type)
     text = default.get_text_config()
     known = set(text.__dict__) | set(getattr(type(text), "__dataclass_fields__", {}))
-    kw = {k: v for k, v in SMALL.items() if k in known and k != "q_lora_rank"}
-    if "q_lora_rank" in known and text.__dict__.get("q_lora_rank") is None:
-        kw.pop("q_lora_rank", None)
+    kw = {k: v for k, v in SMALL.items() if k in known}
+    for key in ("q_lora_rank", "o_lora_rank"):  # None: the family has no such projection
+        if getattr(text, key, None) is None:
+            kw.pop(key, None)
     n = int(kw.get("num_hidden_layers", 2))
     _fit(text, known, kw, n, "mrope_section" in _modeling_source(model_type))
     for key in ("layer_types", "mlp_layer_types"):
