@@ -318,14 +318,14 @@ def run_families(
             yield done.pop(todo.pop(0))
 
 
-def markdown(rows: list[dict], command: str, seconds: float) -> str:
+def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> str:
     import transformers
 
     passed = [r for r in rows if all(r.get(c) for c in COLUMNS)]
     lines = [
         TABLE_START,
         f"`{command}` (transformers {transformers.__version__}, torch {torch.__version__}, CPU, "
-        f"{seconds:.0f} s): **{len(passed)} of {len(rows)} families pass every column.**",
+        f"{seconds:.0f} s{note}): **{len(passed)} of {len(rows)} families pass every column.**",
         "",
         "| family | model type | MoE blocks | " + " | ".join(COLUMNS) + " | reason |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
@@ -422,8 +422,7 @@ def main() -> None:
     todo = only or list(families)
     # with --only, the other families keep their rows of the table already written
     previous = read_rows(Path(args.write)) if args.write and only else {}
-    if previous:
-        command += "` (other rows: an earlier run of `python scripts/hf_coverage.py"
+    note = "; the other rows are from an earlier full run" if previous else ""
     _preload()
     for row in run_families(families, list(todo), args.jobs, args.timeout):
         ok = all(row.get(c) for c in COLUMNS[:-1])
@@ -431,13 +430,14 @@ def main() -> None:
         rows.append(row)
         if args.write:  # after each family, so an interrupted run keeps what it checked
             done = f"{len(rows)} of {len(todo)} checked"
-            table = markdown(merge_rows(rows, previous, list(families)), command, _since(start))
+            merged = merge_rows(rows, previous, list(families))
+            table = markdown(merged, command, _since(start), note)
             write_table(
                 Path(args.write), table.replace(" families pass", f" families ({done}) pass")
             )
     if not args.no_ep:
         run_expert_parallel(rows, args.ep_timeout)
-    table = markdown(merge_rows(rows, previous, list(families)), command, _since(start))
+    table = markdown(merge_rows(rows, previous, list(families)), command, _since(start), note)
     if args.write:
         write_table(Path(args.write), table)
     print(table)
