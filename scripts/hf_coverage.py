@@ -9,7 +9,14 @@ and checked, each in its own forked process:
 - losses: the probe's losses equal ``moespec.routing.losses`` on the router's own scores and
   on raw expert outputs from a per-token loop over the model's eager experts;
 - train: 3 AdamW steps with ``loss=specialization`` (LM loss + routing losses), finite;
-- export: ``save_pretrained`` loads back in plain transformers with equal logits.
+- export: ``save_pretrained`` loads back in plain transformers (the model's own class) with
+  equal logits;
+- ep: the experts converted to DeepSpeed expert parallel over 2 CPU ranks (gloo) give the
+  one-process model's logits and loss, and train 2 steps through a DeepSpeed engine
+  (``scripts/hf_coverage_ep.py``: one 2-rank launch whose ranks loop over the families).
+
+A language model without an LM head class (the text model of some multimodal families) is
+scored through its tied input embedding.
 
     python scripts/hf_coverage.py [--only gpt_oss,jamba] [--write docs/hf_models.md]
 """
@@ -19,14 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import torch
@@ -36,17 +46,22 @@ sys.path.insert(0, str(ROOT))
 
 from moespec.models.hf_tiny import moe_families, tiny_moe_model  # noqa: E402
 
-COLUMNS = ("attach", "logits", "losses", "train", "export")
+COLUMNS = ("attach", "logits", "losses", "train", "export", "ep")
+EP_RANKS = 2
+WALL_PER_CPU = 8  # a family's wall-clock limit, in multiples of its CPU limit (a loaded host)
 TABLE_START = "<!-- coverage table: scripts/hf_coverage.py -->"
 TABLE_END = "<!-- end coverage table -->"
 VOCAB = 64
 
 
 def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B,S,V]; a text model without an LM head class gets its tied embedding as head."""
     torch.manual_seed(0)  # routers with jitter or sampling draw the same noise
     out = model(input_ids=ids, use_cache=False)
     logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.last_hidden_state
+    if logits is None:
+        logits = out.last_hidden_state @ model.get_input_embeddings().weight.T
+    return logits
 
 
 def _loss_config(**weights: float):
@@ -116,8 +131,12 @@ def check_losses(model, ids: torch.Tensor) -> None:
             reg.add_forward_pre("check", p.experts, experts_hook, with_kwargs=True)
         with reg.group("check"):
             _outputs(model, ids)
-        for i, p in enumerate(handle.probes):
-            rec = seen[i]
+        # blocks for another modality (ernie4_5_vl_moe's vision experts) see no text token
+        used = [i for i, rec in seen.items() if "x" in rec]
+        if not used:
+            raise AssertionError("no MoE block ran")
+        for i in used:
+            p, rec = handle.probes[i], seen[i]
             first = rec["first"].reshape(-1, p.num_experts).float()
             if p.spec.router_output == "probs":
                 scores, logits = first, first.clamp_min(1e-20).log()
@@ -158,8 +177,6 @@ def check_train(model, ids: torch.Tensor) -> list[float]:
     with attach(model, loss_cfg) as handle:
         for _ in range(3):
             logits = _outputs(model, ids)
-            if logits.shape[-1] != VOCAB:
-                raise AssertionError("no LM head class (text model only)")
             lm = lm_output(logits[:, :-1], ids[:, 1:]).loss
             total = lm + handle.collect_losses().total
             opt.zero_grad()
@@ -172,8 +189,6 @@ def check_train(model, ids: torch.Tensor) -> list[float]:
 
 
 def check_export(model, ids: torch.Tensor) -> None:
-    from transformers import AutoModelForCausalLM
-
     from moespec.models.hf import save_hf_model
 
     model.eval()
@@ -181,7 +196,7 @@ def check_export(model, ids: torch.Tensor) -> None:
         ref = _outputs(model, ids)
     with tempfile.TemporaryDirectory() as tmp:
         save_hf_model(model, tmp)
-        plain = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        plain = type(model).from_pretrained(tmp, dtype=torch.float32).eval()
     with torch.no_grad():
         got = _outputs(plain, ids)
     err = (got - ref).abs().max().item()
@@ -240,39 +255,77 @@ def _count_blocks(model) -> int:
     return len(moe_blocks(model)[2])
 
 
-def _run(family: str, timeout: float) -> dict:
-    """One family in a fresh interpreter, with a memory cap and a time limit."""
+def _preload() -> None:
+    """Import what every family needs once, so each forked worker starts warm."""
+    import transformers.generation  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from transformers.modeling_utils import unwrap_model
 
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (12 << 30, 12 << 30))
+    import moespec.models.hf  # noqa: F401
+    import moespec.routing  # noqa: F401
 
-    cmd = [sys.executable, __file__, "--worker", family]
+    unwrap_model(torch.nn.Linear(1, 1))  # imports accelerate's model helpers
+
+
+def _worker(family: str, model_types: list[str], cpu_limit: float, conn) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, 16 << 30))
+    cpu = int(cpu_limit)  # a forked child's CPU time starts at 0
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))  # SIGXCPU, whatever the load
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=cap, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            "family": family,
-            "model_type": family,
-            "blocks": 0,
-            "reason": f"timeout {timeout:.0f} s",
-        }
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1][:160].replace("|", "/")
-        return {"family": family, "model_type": family, "blocks": 0, "reason": f"crashed: {tail}"}
-    return json.loads(lines[-1])
+        row = check_family(family, model_types)
+    except BaseException as err:  # noqa: BLE001 - reported in the table
+        row = {"family": family, "model_type": family, "blocks": 0, "reason": _reason(err)}
+    conn.send(row)
+    conn.close()
 
 
-def markdown(rows: list[dict], command: str, seconds: float) -> str:
+def _failed(family: str, reason: str) -> dict:
+    return {"family": family, "model_type": family, "blocks": 0, "reason": reason}
+
+
+def run_families(
+    families: dict[str, list[str]], todo: list[str], jobs: int, timeout: float
+) -> Iterator[dict]:
+    """Check each family in its own forked process (``jobs`` at once), yielding rows in order."""
+    ctx = mp.get_context("fork")
+    pending, running, done = list(todo), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            family = pending.pop(0)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(family, families[family], timeout, send))
+            proc.start()
+            send.close()
+            running[family] = (proc, recv, time.perf_counter())
+        wait([r for _, r, _ in running.values()], timeout=5)
+        for family, (proc, recv, started) in list(running.items()):
+            if recv.poll():
+                try:
+                    done[family] = recv.recv()
+                except EOFError:
+                    proc.join()
+                    over = proc.exitcode == -signal.SIGXCPU
+                    why = f"over {timeout:.0f} CPU s" if over else f"crashed (exit {proc.exitcode})"
+                    done[family] = _failed(family, why)
+            elif time.perf_counter() - started > WALL_PER_CPU * timeout:
+                proc.kill()
+                done[family] = _failed(family, f"timeout {WALL_PER_CPU * timeout:.0f} s")
+            else:
+                continue
+            proc.join()
+            del running[family]
+        while todo and todo[0] in done:
+            yield done.pop(todo.pop(0))
+
+
+def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> str:
     import transformers
 
     passed = [r for r in rows if all(r.get(c) for c in COLUMNS)]
     lines = [
         TABLE_START,
         f"`{command}` (transformers {transformers.__version__}, torch {torch.__version__}, CPU, "
-        f"{seconds:.0f} s): **{len(passed)} of {len(rows)} families pass every column.**",
+        f"{seconds:.0f} s{note}): **{len(passed)} of {len(rows)} families pass every column.**",
         "",
         "| family | model type | MoE blocks | " + " | ".join(COLUMNS) + " | reason |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
@@ -286,6 +339,28 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def read_rows(path: Path) -> dict[str, dict]:
+    """The rows of the table already in ``path`` (to keep the families a run did not check)."""
+    text = path.read_text() if path.is_file() else ""
+    if TABLE_START not in text:
+        return {}
+    rows = {}
+    for line in text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 + len(COLUMNS) or cells[0] in ("family", "---"):
+            continue
+        row = {"family": cells[0], "model_type": cells[1], "blocks": int(cells[2] or 0)}
+        row.update({c: v == "yes" for c, v in zip(COLUMNS, cells[3:-1], strict=True) if v != "-"})
+        rows[cells[0]] = {**row, "reason": cells[-1]}
+    return rows
+
+
+def merge_rows(rows: list[dict], previous: dict[str, dict], order: list[str]) -> list[dict]:
+    """``rows`` in place of their families' rows in ``previous``, in ``order``."""
+    fresh = {r["family"]: r for r in rows}
+    return [fresh.get(f) or previous[f] for f in order if f in fresh or f in previous]
+
+
 def write_table(path: Path, table: str) -> None:
     text = path.read_text() if path.is_file() else ""
     if TABLE_START in text and TABLE_END in text:
@@ -296,20 +371,46 @@ def write_table(path: Path, table: str) -> None:
     path.write_text(text)
 
 
+def run_expert_parallel(rows: list[dict], timeout: float) -> None:
+    """The ``ep`` column: one ``torchrun`` launch of 2 ranks over every family that attached."""
+    from moespec.train.launch import free_port
+
+    todo = [r for r in rows if r.get("attach")]
+    if not todo:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ep.json"
+        families = ",".join(f"{r['family']}:{r['model_type']}" for r in todo)
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        cmd = [torchrun, f"--nproc_per_node={EP_RANKS}", f"--master_port={free_port()}"]
+        cmd += [str(ROOT / "scripts/hf_coverage_ep.py"), str(out), families]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=timeout, check=False, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+            ended = f"exit {proc.returncode}"
+            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("ep ")))
+        except subprocess.TimeoutExpired:
+            ended = f"timeout {timeout:.0f} s"
+        results = json.loads(out.read_text()) if out.is_file() else {}
+    for r in todo:
+        res = results.get(r["family"], {"ok": False, "reason": f"launch ended first ({ended})"})
+        r["ep"] = res["ok"]
+        if not res["ok"] and not r["reason"]:
+            r["reason"] = f"ep: {res['reason']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="families checked at once")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per family")
+    parser.add_argument("--timeout", type=float, default=300, help="CPU seconds per family")
     parser.add_argument("--write", default="", help="markdown file to write the table into")
-    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--ep-timeout", type=float, default=1800, help="seconds for the ep launch")
+    parser.add_argument("--no-ep", action="store_true", help="skip the expert-parallel column")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     families = moe_families()
-    if args.worker:
-        row = check_family(args.worker, families[args.worker])
-        print(json.dumps(row))
-        return
     only = [f for f in args.only.split(",") if f]
     unknown = [f for f in only if f not in families]
     if unknown:
@@ -317,19 +418,33 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     command = "python scripts/hf_coverage.py" + (f" --only {args.only}" if only else "")
+    command += " --no-ep" if args.no_ep else ""
     todo = only or list(families)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda f: _run(f, args.timeout), todo):
-            ok = all(row.get(c) for c in COLUMNS)
-            print(f"{row['family']:24s} {'PASS' if ok else 'FAIL'} {row['reason']}", flush=True)
-            rows.append(row)
-            if args.write:  # after each family, so an interrupted run keeps what it checked
-                done = f"{len(rows)} of {len(todo)} checked"
-                table = markdown(rows, command, time.perf_counter() - start)
-                write_table(
-                    Path(args.write), table.replace(" families pass", f" families ({done}) pass")
-                )
-    print(markdown(rows, command, time.perf_counter() - start))
+    # with --only, the other families keep their rows of the table already written
+    previous = read_rows(Path(args.write)) if args.write and only else {}
+    note = "; the other rows are from an earlier full run" if previous else ""
+    _preload()
+    for row in run_families(families, list(todo), args.jobs, args.timeout):
+        ok = all(row.get(c) for c in COLUMNS[:-1])
+        print(f"{row['family']:24s} {'PASS' if ok else 'FAIL'} {row['reason']}", flush=True)
+        rows.append(row)
+        if args.write:  # after each family, so an interrupted run keeps what it checked
+            done = f"{len(rows)} of {len(todo)} checked"
+            merged = merge_rows(rows, previous, list(families))
+            table = markdown(merged, command, _since(start), note)
+            write_table(
+                Path(args.write), table.replace(" families pass", f" families ({done}) pass")
+            )
+    if not args.no_ep:
+        run_expert_parallel(rows, args.ep_timeout)
+    table = markdown(merge_rows(rows, previous, list(families)), command, _since(start), note)
+    if args.write:
+        write_table(Path(args.write), table)
+    print(table)
+
+
+def _since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -174,27 +174,27 @@ EP_CHECK = textwrap.dedent(
     init_distributed()
     base = {"model": {"type": "hf", "config": "model/configs/" + sys.argv[1] + "_tiny.json"}}
     ep = OmegaConf.merge(base, {"moe": {"backend": "deepspeed", "ep_size": 1}})
-    torch.manual_seed(0)
-    ref = build_hf_model(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), base)))
-    torch.manual_seed(0)
-    conv = build_hf_model(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), ep)))
-    conv.load_state_dict(ref.state_dict(), strict=False)  # same non-expert weights
-    for name, block in conv.named_modules():
-        if type(block).__name__ == "HFExpertParallelBlock":
-            src = ref.get_submodule(name)
-            block.router.weight.data.copy_(src.gate.weight)
-            if hasattr(src.gate, "e_score_correction_bias"):  # DeepSeek-V3: selection uses it
-                src.gate.e_score_correction_bias.normal_(0, 0.3)
-                block.router.score_correction_bias.copy_(src.gate.e_score_correction_bias)
-            for e, x in enumerate(block.moe.deepspeed_moe.experts.deepspeed_experts):
-                x.gate_up.weight.data.copy_(src.experts.gate_up_proj[e])
-                x.down.weight.data.copy_(src.experts.down_proj[e])
+    models = []
+    for recipe in (base, ep):  # the same seed: the same model before conversion
+        torch.manual_seed(0)
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), recipe))
+        model = build_hf_model(cfg)
+        for name, buf in model.named_buffers():  # DeepSeek-V3: selection uses the bias
+            if name.endswith("e_score_correction_bias"):
+                g = torch.Generator().manual_seed(3)
+                buf.copy_(0.3 * torch.randn(buf.shape, generator=g))
+        models.append(model.eval())
+    ref, conv = models
+    kinds = {type(p.block.experts).__name__ for p in conv.handle.probes}
+    assert kinds == {"HFExpertParallelExperts"}, kinds
     ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
-    ref.eval(); conv.eval()
     with torch.no_grad():
         torch.testing.assert_close(conv(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
         state = conv.plain_state_dict()
-    assert set(state) == set(ref.hf_model.state_dict()), set(state) ^ set(ref.hf_model.state_dict())
+    plain = ref.hf_model.state_dict()
+    assert set(state) == set(plain), set(state) ^ set(plain)
+    for k, v in plain.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
     print("ok", sys.argv[1])
     """
 )
@@ -240,28 +240,25 @@ def test_resume_keeps_calibrated_weights(run_train, read_metrics, tmp_path):
 
 EP_TOP1_CHECK = textwrap.dedent(
     """
-    import sys, torch
-    from transformers import AutoConfig
-    from moespec.hooks import find_moe_blocks
-    from moespec.models.hf_train import HFExpertParallelBlock
+    import copy, sys, torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from moespec.models.expert_parallel import convert_expert_parallel
     from moespec.moe import MoEConfig
-    from moespec.routing import LossConfig
     from moespec.train.trainer import init_distributed
-    from transformers import AutoModelForCausalLM
 
     init_distributed()
     arch = sys.argv[1]
     cfg = AutoConfig.from_pretrained("recipes/model/configs/" + arch + "_tiny.json")
     cfg.num_experts_per_tok = 1
     torch.manual_seed(0)
-    (_, block), *_ = find_moe_blocks(AutoModelForCausalLM.from_config(cfg))
-    for p in block.parameters():
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    ep = HFExpertParallelBlock(block, arch, LossConfig(), MoEConfig(backend="deepspeed"), 0)
-    block.eval(); ep.eval()
-    x = torch.randn(2, 6, cfg.hidden_size)
+    conv = copy.deepcopy(model)
+    convert_expert_parallel(conv, MoEConfig(backend="deepspeed"))
+    x = torch.randint(0, cfg.vocab_size, (2, 6))
     with torch.no_grad():
-        torch.testing.assert_close(ep(x), block(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     print("ok", arch)
     """
 )
@@ -269,7 +266,7 @@ EP_TOP1_CHECK = textwrap.dedent(
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "olmoe"])
 def test_expert_parallel_block_top1_matches_hf_block(train_env, arch):
-    """With one expert per token the converted gate weights equal the HF gate's (1.0 or p)."""
+    """With one expert per token the expert-parallel experts give the block's output."""
     _run_check(EP_TOP1_CHECK, arch, train_env)
 
 
@@ -326,17 +323,16 @@ def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
     blocks = [name for name, _ in find_moe_blocks(plain)]
     assert len(blocks) == 2
     for layer, name in enumerate(blocks):
-        prefix = f"model.{name}.moe.deepspeed_moe."
         torch.testing.assert_close(
-            state[f"{name}.gate.weight"].float(), module[prefix + "gate.router.weight"].float()
+            state[f"{name}.gate.weight"], module[f"model.{name}.gate.weight"]
         )
         for e in range(4):  # experts 0-1 trained on rank 0, 2-3 on rank 1
             sd = torch.load(
                 ckpt / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt", weights_only=False
             )
-            key = prefix + f"experts.deepspeed_experts.{e}."
+            key = f"model.{name}.experts.deepspeed_moe.experts.deepspeed_experts.{e}."
             torch.testing.assert_close(
-                state[f"{name}.experts.gate_up_proj"][e], sd[key + "gate_up.weight"]
+                state[f"{name}.experts.gate_up_proj"][e], sd[key + "proj.weight"]
             )
             torch.testing.assert_close(
                 state[f"{name}.experts.down_proj"][e], sd[key + "down.weight"]

@@ -183,9 +183,10 @@ def attach(
         config = probe.experts.config
         if all(c is not config for c, _ in handle._implementations):
             handle._implementations.append((config, config._experts_implementation))
-        probe.set_own_implementation(
-            X.own_implementation(probe.experts, config._experts_implementation)
-        )
+        if not getattr(probe.experts, "runs_probe", False):  # expert parallel runs its own
+            probe.set_own_implementation(
+                X.own_implementation(probe.experts, config._experts_implementation)
+            )
     for probe in probes:
         registry.add_forward(_HOOK_GROUP, probe.gate, _make_router_hook(probe))
         object.__setattr__(probe.block, PROBE_ATTR, probe)  # unregistered: not in state_dict

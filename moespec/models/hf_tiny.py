@@ -19,6 +19,7 @@ from ..hooks import find_moe_blocks
 
 SMALL: dict[str, Any] = {
     "vocab_size": 64,
+    "unpadded_vocab_size": 64,
     "hidden_size": 32,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
@@ -28,6 +29,18 @@ SMALL: dict[str, Any] = {
     "moe_intermediate_size": 16,
     "expert_intermediate_size": 16,
     "shared_expert_intermediate_size": 24,
+    "shared_experts_intermediate_size": 24,
+    "shared_intermediate_size": 24,
+    "moe_shared_expert_intermediate_size": 24,
+    "dense_intermediate_size": 48,
+    "moe_hidden_size": 16,  # muse_spark's expert width
+    "router_hidden_size": 16,
+    "q_lora_rank": 16,  # only where the family has a query LoRA (default not None)
+    "o_lora_rank": 16,
+    "swa_head_dim": 8,
+    "ple_embed_dim": 16,
+    "hc_lowrank": 8,
+    "ssm_state_size": 8,
     "ffn_hidden_size": 48,
     "max_position_embeddings": 64,
     # experts: the config names them in many ways
@@ -39,10 +52,12 @@ SMALL: dict[str, Any] = {
     "moe_topk": 2,
     "moe_k": 2,
     "top_k_experts": 2,
+    "enable_moe_block": True,
     "n_group": 2,
     "topk_group": 1,
     "num_expert_group": 2,
     "first_k_dense_replace": 0,
+    "num_dense_layers": 0,
     "moe_layer_start_index": 0,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [],
@@ -61,15 +76,45 @@ SMALL: dict[str, Any] = {
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 8,
     "linear_value_head_dim": 8,
+    "linear_head_dim": 8,  # glm5_next's delta attention (64 heads of 128 by default)
+    "linear_num_heads": 4,
     "mamba_d_state": 8,
     "mamba_d_conv": 4,
     "mamba_expand": 2,
     "mamba_dt_rank": 4,
     "sliding_window": 16,
+    "index_head_dim": 8,  # sparse-attention (DSA) indexers
+    "index_n_heads": 2,
+    "index_topk": 4,
+    "index_kpool": 4,
     "bos_token_id": 0,
     "eos_token_id": 1,
     "pad_token_id": None,
 }
+
+
+# Families whose default config cannot be built small without a value of their own.
+FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},  # no default layer list
+    "zaya": {"num_experts_per_tok": 1},  # the config accepts top-1 only
+    "qwen4_exp": {  # its indexed-attention layers need every indexer size
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 8,
+        "indexer_budget": 8,
+        "indexer_compress_ratio": 4,
+    },
+}
+
+
+def _modeling_source(model_type: str) -> str:
+    """The source of ``model_type``'s modeling module (empty when it has none)."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    module = model_type_to_module_name(model_type)
+    root = Path(importlib.util.find_spec("transformers.models").origin).parent  # type: ignore[arg-type]
+    path = root / module / f"modeling_{module}.py"
+    return path.read_text() if path.is_file() else ""
 
 
 def moe_families() -> dict[str, list[str]]:
@@ -83,13 +128,10 @@ def moe_families() -> dict[str, list[str]]:
         model_type_to_module_name,
     )
 
-    root = Path(importlib.util.find_spec("transformers.models").origin).parent  # type: ignore[arg-type]
     families: dict[str, list[str]] = {}
     for model_type in sorted(CONFIG_MAPPING_NAMES):
-        module = model_type_to_module_name(model_type)
-        path = root / module / f"modeling_{module}.py"
-        if path.is_file() and "@use_experts_implementation" in path.read_text():
-            families.setdefault(module, []).append(model_type)
+        if "@use_experts_implementation" in _modeling_source(model_type):
+            families.setdefault(model_type_to_module_name(model_type), []).append(model_type)
     for module, types in families.items():
         types.sort(key=lambda t: (t != module, not t.endswith("_text"), t))
     return families
@@ -103,10 +145,14 @@ def _short_layer_list(values: list, n: int) -> list:
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
-def _fit(text: Any, known: set[str], kw: dict[str, Any], n: int) -> None:
+def _fit(text: Any, known: set[str], kw: dict[str, Any], n: int, mrope: bool) -> None:
     """Sizes that must agree with each other (rope dims, per-layer lists, state-space heads)."""
     if "qk_rope_head_dim" in known:
+        if getattr(text, "qk_rope_head_dim", None) == 0:  # no RoPE in the family's attention
+            kw["qk_rope_head_dim"] = 0
         kw["head_dim"] = kw.get("qk_rope_head_dim", text.qk_rope_head_dim)
+    if "index_head_dim" in known:  # MLA with an indexer: as many key/value heads as heads
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
     if "mlp_layer_types" in known and getattr(text, "mlp_layer_types", None) is None:
         kw["mlp_layer_types"] = ["sparse"] * n
     if isinstance(getattr(text, "per_layer_config", None), dict):
@@ -122,10 +168,10 @@ def _fit(text: Any, known: set[str], kw: dict[str, Any], n: int) -> None:
     if "mamba_num_heads" in known:
         kw.update(mamba_num_heads=8, mamba_head_dim=8)
     rope = dict(getattr(text, "rope_parameters", None) or {})
-    if "mrope_section" in rope:
+    if "mrope_section" in rope or mrope:  # the modeling code's default fits its own head size
         head = kw.get("qk_rope_head_dim") or kw.get("head_dim", 8)
         half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2
-        rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+        rope["mrope_section"] = [half // 3, half // 3, half - 2 * (half // 3)]  # h = w (ernie)
         kw["rope_parameters"] = rope
 
 
@@ -143,11 +189,12 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     default = AutoConfig.for_model(model_type)
     text = default.get_text_config()
     known = set(text.__dict__) | set(getattr(type(text), "__dataclass_fields__", {}))
-    kw = {k: v for k, v in SMALL.items() if k in known and k != "q_lora_rank"}
-    if "q_lora_rank" in known and text.__dict__.get("q_lora_rank") is None:
-        kw.pop("q_lora_rank", None)
+    kw = {k: v for k, v in SMALL.items() if k in known}
+    for key in ("q_lora_rank", "o_lora_rank"):  # None: the family has no such projection
+        if getattr(text, key, None) is None:
+            kw.pop(key, None)
     n = int(kw.get("num_hidden_layers", 2))
-    _fit(text, known, kw, n)
+    _fit(text, known, kw, n, "mrope_section" in _modeling_source(model_type))
     for key in ("layer_types", "mlp_layer_types"):
         value = getattr(text, key, None)
         settable = not isinstance(getattr(type(text), key, None), property)
@@ -156,6 +203,7 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
     pattern = getattr(text, "hybrid_override_pattern", None)
     if isinstance(pattern, str) and pattern:
         kw["hybrid_override_pattern"] = "".join(_short_layer_list(list(dict.fromkeys(pattern)), n))
+    kw.update(FAMILY_OVERRIDES.get(model_type, {}))
     kw.update(overrides)
     key = _text_key(default)
     try:
@@ -171,7 +219,13 @@ def _build_config(model_type: str, key: str | None, text: Any, kw: dict[str, Any
 
     if key is None:
         return AutoConfig.for_model(model_type, **kw)
-    config = AutoConfig.for_model(model_type, **{key: {**text.to_dict(), **kw}})
+    layers = getattr(text, "num_hidden_layers", None)
+    base = {  # per-layer lists the default derived from its own depth: derive them again
+        k: v
+        for k, v in text.to_dict().items()
+        if not (isinstance(v, list) and layers and len(v) == layers and k not in kw)
+    }
+    config = AutoConfig.for_model(model_type, **{key: {**base, **kw}})
     return config.get_text_config()
 
 

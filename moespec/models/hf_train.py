@@ -23,16 +23,14 @@ from torch import nn
 
 from ..paths import recipes_dir
 from .expert_parallel import (
-    EP_MODEL_TYPES,
-    HFExpertParallelBlock,
     convert_expert_parallel,
+    is_expert_parallel,
 )
 from .hf import (
     AttachHandle,
     attach,
     load_hf_model,
     moe_blocks,
-    set_model_aux_loss,
 )
 from .lora import apply_lora, lora_gates, plain_name
 from .tiny import LMOutput, lm_output
@@ -186,9 +184,7 @@ class HFCausalLM(nn.Module):
 
         Collective under expert parallelism: every rank must call it.
         """
-        ep_blocks = [
-            (n, m) for n, m in self.named_modules() if isinstance(m, HFExpertParallelBlock)
-        ]
+        ep_blocks = [(n, m) for n, m in self.named_modules() if is_expert_parallel(m)]
         gathered = {n: m.gather_hf_state() for n, m in ep_blocks}
         if self.lora:
             self.model.merge_adapter()
@@ -216,9 +212,7 @@ class HFCausalLM(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
-        needs_rebuild = self.lora or any(
-            isinstance(m, HFExpertParallelBlock) for m in self.modules()
-        )
+        needs_rebuild = self.lora or any(is_expert_parallel(m) for m in self.modules())
         state = self.plain_state_dict() if needs_rebuild else None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = Path(out_dir)
@@ -313,31 +307,25 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     model.train()
     if cfg.moe.backend == "deepspeed":
         moe_blocks(model)  # raises the error naming what was found
-        convert_expert_parallel(model, cfg.loss, cfg.moe)
-        set_model_aux_loss(model, False)  # routing now runs in moespec's router
-        handle = None
-    elif cfg.moe.backend == "native":
-        handle = None  # attached after LoRA, on the final modules
-    else:
+        convert_expert_parallel(model, cfg.moe)
+    elif cfg.moe.backend != "native":
         raise ValueError(
             f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed"
         )
     if m.lora.enabled:
         model = _apply_lora(model, m.lora)
-    if cfg.moe.backend == "native":
-        handle = attach(model, cfg.loss)
+    handle = attach(model, cfg.loss)  # after LoRA, on the final modules
     wrapper = HFCausalLM(model, lora=m.lora.enabled, tokenizer_dir=hf_tokenizer_dir(cfg))
     wrapper.handle = handle
     return wrapper
 
 
 __all__ = [
-    "EP_MODEL_TYPES",
     "SMOLLM2",
     "HFCausalLM",
-    "HFExpertParallelBlock",
     "build_hf_model",
     "convert_expert_parallel",
+    "is_expert_parallel",
     "hf_data_tokenizer",
     "hf_tokenizer_dir",
     "resolve_model_path",

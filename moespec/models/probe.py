@@ -20,12 +20,14 @@ from .specs import MoESpec, first_attr, router_of
 
 
 def _hidden_size(experts: nn.Module) -> int:
+    if getattr(experts, "runs_probe", False):  # expert parallel: no fused weights here
+        return int(experts.hidden_size)
     w = experts.gate_up_proj if experts.has_gate else experts.up_proj
     return int(w.shape[1] if experts.is_transposed else w.shape[2])
 
 
 def _top_k(router: nn.Module, block: nn.Module, experts: nn.Module) -> int:
-    names = ("top_k", "num_experts_per_tok", "moe_topk")
+    names = ("top_k", "num_experts_per_tok", "moe_topk", "top_k_experts")
     k = first_attr(router, names) or first_attr(block, names)
     if k is None:
         k = first_attr(experts.config, names)
@@ -58,7 +60,9 @@ class HFRouterProbe(Router):
     ) -> None:
         nn.Module.__init__(self)  # Router.__init__ would create a new gate weight
         experts = base_module(block.experts)  # peft's ParamWrapper adapts it in place
-        X.check_experts(experts, name or type(block).__name__)
+        self_dispatching = getattr(experts, "runs_probe", False)  # expert parallel
+        if not self_dispatching:
+            X.check_experts(experts, name or type(block).__name__)
         router = base_module(router_of(block, spec))
         if router is None:
             raise ValueError(
@@ -87,7 +91,8 @@ class HFRouterProbe(Router):
         object.__setattr__(self, "block", block)
         object.__setattr__(self, "gate", router)
         object.__setattr__(self, "experts", experts)
-        object.__setattr__(self, "own_forward", X.own_implementation(experts, None))
+        own = None if self_dispatching else X.own_implementation(experts, None)
+        object.__setattr__(self, "own_forward", own)
 
     @property
     def weight(self) -> torch.Tensor | None:  # type: ignore[override]
