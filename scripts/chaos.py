@@ -127,10 +127,14 @@ def segment(run: Path, steps: int, resume: bool, faults: str = "", signal_at: tu
             [*deepspeed_launcher(2), "moespec.train", *overrides(run, steps, resume)],
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        signalled, ended, others, rewound = None, None, [], not resume
+        signalled, ended, others = None, None, []
+        metrics = run / "metrics.jsonl"
+        start = metrics.read_bytes() if metrics.is_file() else b""
+        rewound = not resume
         while proc.poll() is None:
-            # Rows a resumed run will redo are still there until it has set them aside.
-            rewound = rewound or "resumed from" in log.read_text()
+            # Rows a resumed run will redo are still there until it has set them aside (or,
+            # with none to set aside, appended a row of its own).
+            rewound = rewound or (metrics.is_file() and metrics.read_bytes() != start)
             if signal_at and signalled is None and rewound:
                 ranks = rank_processes(proc)
                 if len(ranks) == 2 and max(rows(run), default=0) >= signal_at[0]:
@@ -174,7 +178,8 @@ def fault_chain(run: Path, steps: int, kinds: list[str], rng: random.Random) -> 
         if kind == KINDS[0]:
             code, exit_s, tail = segment(run, steps, resume, signal_at=(at, "term"))
             ok = code == PREEMPT_CODE
-            o.exit_s.append(exit_s or math.nan)
+            if ok:  # the time to finish the step and checkpoint
+                o.exit_s.append(exit_s or math.nan)
         elif kind == KINDS[1]:
             code, exit_s, tail = segment(run, steps, resume, signal_at=(at, "kill"))
             ok = code != 0
@@ -304,7 +309,7 @@ def main() -> None:
         for note in o.notes:
             print(f"  {name}: {note}")
     if args.docs:
-        write_docs(text + "\n" + extra.strip() + "\n\n" + footer, args)
+        write_docs(text + "\n\n" + extra.strip() + "\n\n" + footer, args)
 
 
 def write_docs(text: str, args: argparse.Namespace) -> None:
