@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -53,6 +54,7 @@ class Outcome:
     trials: int = 0
     survived: int = 0
     steps_lost: int = 0
+    rows_lost: int = 0
     exit_s: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -83,6 +85,13 @@ def rows(run: Path) -> dict[int, dict]:
     return out
 
 
+def same_row(a: dict, b: dict | None) -> bool:
+    """The same logged figures, throughput apart (a step redone after a resume is timed anew)."""
+    return b is not None and {k: v for k, v in a.items() if not k.endswith("_per_s")} == {
+        k: v for k, v in b.items() if not k.endswith("_per_s")
+    }
+
+
 def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     """The training ranks under the launcher, by rank."""
     found = []
@@ -97,10 +106,19 @@ def rank_processes(launcher: subprocess.Popen) -> list[psutil.Process]:
     return [p for _, p in sorted(found, key=lambda t: t[0])]
 
 
+def alive(p: psutil.Process) -> bool:
+    """Running and not a zombie waiting for the launcher to reap it."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def segment(run: Path, steps: int, resume: bool, faults: str = "", signal_at: tuple | None = None):
     """One launch; ``signal_at=(step, kind)`` signals the ranks once ``step`` is logged.
 
-    Returns (exit code, seconds from the signal to the launcher's exit, log tail).
+    Returns (exit code, seconds from the signal until the last rank not signalled ended, log
+    tail); after a SIGTERM, that is until every rank ended.
     """
     env = {**os.environ, "MOESPEC_FAULTS": faults, "OMP_NUM_THREADS": "1"}
     log = run.parent / f"{run.name}-{time.time_ns()}.log"
@@ -109,20 +127,28 @@ def segment(run: Path, steps: int, resume: bool, faults: str = "", signal_at: tu
             [*deepspeed_launcher(2), "moespec.train", *overrides(run, steps, resume)],
             cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        signalled, rewound = None, not resume
+        signalled, ended, others = None, None, []
+        metrics = run / "metrics.jsonl"
+        start = metrics.read_bytes() if metrics.is_file() else b""
+        rewound = not resume
         while proc.poll() is None:
-            logged = max(rows(run), default=0)
-            # Rows a resumed run will redo are still there until it has set them aside.
-            rewound = rewound or "resumed from" in log.read_text()
-            ranks = rank_processes(proc) if signal_at and signalled is None and rewound else []
-            if len(ranks) == 2 and logged >= signal_at[0]:
-                targets = ranks if signal_at[1] == "term" else ranks[1:]
-                sig = signal.SIGTERM if signal_at[1] == "term" else signal.SIGKILL
-                signalled = time.perf_counter()
-                for p in targets:
-                    p.send_signal(sig)
+            # Rows a resumed run will redo are still there until it has set them aside (or,
+            # with none to set aside, appended a row of its own).
+            rewound = rewound or (metrics.is_file() and metrics.read_bytes() != start)
+            if signal_at and signalled is None and rewound:
+                ranks = rank_processes(proc)
+                if len(ranks) == 2 and max(rows(run), default=0) >= signal_at[0]:
+                    kill = signal_at[1] == "kill"
+                    targets, others = (ranks[1:], ranks[:1]) if kill else (ranks, ranks)
+                    signalled = time.perf_counter()
+                    for p in targets:
+                        p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            if signalled and ended is None and not any(map(alive, others)):
+                ended = time.perf_counter()
             time.sleep(0.05)
-    exit_s = time.perf_counter() - signalled if signalled else None
+    if signalled and ended is None:
+        ended = time.perf_counter()
+    exit_s = ended - signalled if signalled else None
     return proc.returncode, exit_s, log.read_text()[-3000:]
 
 
@@ -152,10 +178,12 @@ def fault_chain(run: Path, steps: int, kinds: list[str], rng: random.Random) -> 
         if kind == KINDS[0]:
             code, exit_s, tail = segment(run, steps, resume, signal_at=(at, "term"))
             ok = code == PREEMPT_CODE
+            if ok:  # the time to finish the step and checkpoint
+                o.exit_s.append(exit_s or math.nan)
         elif kind == KINDS[1]:
             code, exit_s, tail = segment(run, steps, resume, signal_at=(at, "kill"))
             ok = code != 0
-            o.exit_s.append(exit_s or float("nan"))
+            o.exit_s.append(exit_s or math.nan)
         elif kind == KINDS[2]:
             name = rng.choice(SAVE_FILES)
             spec = f"kill:{rng.choice(['before', 'after'])}-{name}:{save_at}:{writer(name, rng)}"
@@ -171,15 +199,19 @@ def fault_chain(run: Path, steps: int, kinds: list[str], rng: random.Random) -> 
         after, kept = rows(run), complete_steps(run)
         last_logged, resume_point = max(after, default=0), max(kept, default=0)
         o.steps_lost += max(last_logged - resume_point, 0)
-        lost_rows = [s for s in before if s <= resume_point and s not in after]
+        lost_rows = [
+            s for s in before if s <= resume_point and not same_row(before[s], after.get(s))
+        ]
+        o.rows_lost += len(lost_rows)
         ok = ok and not lost_rows and resume_point >= start
         o.survived += int(ok)
         if not ok:
             o.notes.append(f"FAILED exit {code}: {tail[-400:]!r}")
-        took = f", exit {exit_s:.1f} s after the signal" if exit_s is not None else ""
+        took = f", ranks ended {exit_s:.1f} s after the signal" if exit_s is not None else ""
         print(
             f"{kind} at step {at}: exit {code}{took}, resume point {resume_point}, "
-            f"steps lost {max(last_logged - resume_point, 0)}, survived {ok}",
+            f"steps lost {max(last_logged - resume_point, 0)}, rows lost {len(lost_rows)}, "
+            f"survived {ok}",
             flush=True,
         )
         resume = True
@@ -189,17 +221,30 @@ def fault_chain(run: Path, steps: int, kinds: list[str], rng: random.Random) -> 
     return out
 
 
-def nan_chain(run: Path, steps: int, trials: int, rng: random.Random) -> tuple[Outcome, list[int]]:
-    """One run with NaN losses at ``trials`` seeded steps on one rank each."""
+def nan_run(
+    run: Path, steps: int, trials: int, rng: random.Random, ref: dict[int, dict]
+) -> tuple[Outcome, float]:
+    """One run with NaN losses at ``trials`` seeded steps on one rank each.
+
+    Survived: that exact step skipped (an alert), no other. Returns the outcome and the largest
+    train/loss difference from ``ref`` over the steps before the first skip.
+    """
     at = sorted(rng.sample(range(3, steps), trials))
     spec = ",".join(f"nan:micro:{s}:{rng.randint(0, 1)}" for s in at)
     code, _, tail = segment(run, steps, False, faults=spec)
-    alerts = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    skipped = [r["step"] for r in alerts if "skipped" in r.get("alert", "")]
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in lines if "skipped" in r.get("alert", "")]
     o = Outcome(trials=trials, survived=sum(s in skipped for s in at) if code == 0 else 0)
     o.steps_lost = len(skipped)
-    o.notes.append(spec)
-    return o, at
+    o.notes.append(f"{spec}; skipped {skipped}; exit {code}")
+    if skipped != at:
+        o.survived = min(o.survived, trials - 1)
+    got = rows(run)
+    before = [s for s in ref if s < at[0]]
+    diff = max((abs(ref[s]["train/loss"] - got[s]["train/loss"]) for s in before), default=0.0)
+    final = abs(ref[steps]["train/loss"] - got[steps]["train/loss"]) if steps in got else math.inf
+    o.notes.append(f"final train/loss {final:.3e} from the uninterrupted run's (steps skipped)")
+    return o, diff
 
 
 def loss_difference(ref: dict[int, dict], got: dict[int, dict]) -> float:
@@ -211,11 +256,13 @@ def loss_difference(ref: dict[int, dict], got: dict[int, dict]) -> float:
 
 def table(results: list[tuple[str, Outcome, float]]) -> str:
     lines = [
-        "| fault | trials | survived | steps lost | final train/loss difference |",
-        "|---|---|---|---|---|",
+        "| fault | trials | survived | steps lost | rows lost | train/loss difference |",
+        "|---|---|---|---|---|---|",
     ]
     for name, o, diff in results:
-        lines.append(f"| {name} | {o.trials} | {o.survived} | {o.steps_lost} | {diff:.2e} |")
+        lines.append(
+            f"| {name} | {o.trials} | {o.survived} | {o.steps_lost} | {o.rows_lost} | {diff:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -235,6 +282,7 @@ def main() -> None:
     kinds = [KINDS[i % len(KINDS)] for i in range(args.faults - n_nan)]
     rng.shuffle(kinds)
     work = Path(tempfile.mkdtemp(prefix="moespec-chaos-"))
+    print(f"runs under {work}", flush=True)
     started = time.perf_counter()
     code, _, tail = segment(work / "reference", args.steps, False)
     if code != 0:
@@ -242,17 +290,16 @@ def main() -> None:
     ref = rows(work / "reference")
     chain = fault_chain(work / "chain", args.steps, kinds, rng)
     diff = loss_difference(ref, rows(work / "chain"))
-    nan, _ = nan_chain(work / "nan", args.steps, n_nan, rng)
-    nan_diff = abs(ref[args.steps]["train/loss"] - rows(work / "nan")[args.steps]["train/loss"])
+    nan, nan_diff = nan_run(work / "nan", args.steps, n_nan, rng, ref)
     results = [(k, chain[k], diff) for k in KINDS] + [(NAN, nan, nan_diff)]
     text = table(results)
-    kill = chain[KINDS[1]].exit_s
-    extra = (
-        f"\nSIGKILL of rank 1: the launcher and the other rank exited {min(kill):.1f}-"
-        f"{max(kill):.1f} s after the kill (trainer.collective_timeout_s={TIMEOUT_S})."
-        if kill
-        else ""
-    )
+    term, kill = chain[KINDS[0]].exit_s, chain[KINDS[1]].exit_s
+    extra = "".join([
+        f"\nSIGTERM: both ranks finished the step, checkpointed and ended {min(term):.1f}-"
+        f"{max(term):.1f} s after the signal." if term else "",
+        f"\nSIGKILL of rank 1: rank 0 ended {min(kill):.1f}-{max(kill):.1f} s after the kill "
+        f"(trainer.collective_timeout_s={TIMEOUT_S})." if kill else "",
+    ])  # fmt: skip
     total = sum(o.trials for _, o, _ in results)
     footer = (
         f"{total} faults, {args.steps} steps per run, {time.perf_counter() - started:.0f} s in all."
@@ -262,7 +309,7 @@ def main() -> None:
         for note in o.notes:
             print(f"  {name}: {note}")
     if args.docs:
-        write_docs(text + "\n" + extra.strip() + "\n\n" + footer, args)
+        write_docs(text + "\n\n" + extra.strip() + "\n\n" + footer, args)
 
 
 def write_docs(text: str, args: argparse.Namespace) -> None:

@@ -8,7 +8,8 @@
 - ``sigterm``: send SIGTERM to this process (a scheduler's preemption);
 - ``nan``: make the loss of this rank's micro-batch NaN (POINT ``micro``).
 
-POINT is ``micro`` (each micro-batch, before backward), ``step`` (after each optimizer step) or,
+POINT is ``setup`` (once the engine is built, before any step; STEP 0), ``micro`` (each
+micro-batch, before backward), ``step`` (after each optimizer step) or,
 inside a checkpoint save, ``before-FILE`` / ``after-FILE`` for each file written (``FILE`` a
 glob over names such as ``mp_rank_00_model_states.pt``, ``rank0_state.pt``,
 ``trainer_state.json``, ``COMPLETE``). Unset, nothing here does anything.

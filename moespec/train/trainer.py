@@ -224,6 +224,7 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, run_dir: Path, engine: Any, model: nn.Module, data: DataBundle,
         scheduler: Any, rank: int, world: int, callbacks: list[Callback],
+        preemption: PreemptionHandler | None = None,
     ) -> None:  # fmt: skip
         self.cfg, self.run_dir, self.engine, self.model = cfg, run_dir, engine, model
         self.data, self.scheduler, self.rank, self.world = data, scheduler, rank, world
@@ -247,7 +248,7 @@ class Trainer:
         tc = cfg.trainer
         self.guard = StepGuard(tc.nonfinite, tc.spike_factor, tc.spike_window, tc.max_skipped_steps)
         self.skip_cause: str | None = None  # why this optimizer step is skipped
-        self.preemption = PreemptionHandler(list(tc.preempt_signals))
+        self.preemption = preemption or PreemptionHandler(list(tc.preempt_signals))
 
     @property
     def is_log_step(self) -> bool:
@@ -353,6 +354,9 @@ class Trainer:
     def fit(self) -> None:
         """Run the steps after ``start_step`` up to ``trainer.max_steps`` (or a stop)."""
         self._call("on_train_start")
+        self.step = self.start_step
+        if self.preempted():  # a signal during setup: stop before training a step
+            self.stop_for_preemption()
         gas = self.cfg.deepspeed.gradient_accumulation_steps
         for step in range(self.start_step + 1, self.total_steps + 1):
             self.step, self.metrics, self.window = step, {}, None
@@ -379,15 +383,17 @@ class Trainer:
         return all_reduce_floats([float(self.preemption.received is not None)], op="max")[0] > 0
 
     def stop_for_preemption(self) -> None:
-        """Checkpoint this step (unless just saved) and raise :class:`Preempted`."""
+        """Checkpoint this step (unless saved or none trained) and raise :class:`Preempted`."""
         latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if latest is None or latest.name != ckpt.tag_for(self.step):
+        saved = latest is not None and latest.name == ckpt.tag_for(self.step)
+        if not saved and self.step > self.start_step:
             next(cb for cb in self.callbacks if isinstance(cb, Checkpointing)).save(self)
         code = self.cfg.trainer.preempt_exit_code
         if self.rank == 0:
+            kept = ckpt.latest_checkpoint(self.ckpt_root)
             log.warning(
-                "preempted after step %d: checkpoint %s written; exit %d, resume with "
-                "trainer.resume=auto", self.step, ckpt.tag_for(self.step), code,
+                "preempted after step %d: checkpoint %s; exit %d, resume with trainer.resume=auto",
+                self.step, kept.name if kept else "none (no step trained)", code,
             )  # fmt: skip
         self.logger.finish(None)
         raise Preempted(self.step, code, self.preemption.received or "a signal on another rank")
@@ -532,6 +538,20 @@ def train(
     rank, world = init_distributed(cfg.trainer.collective_timeout_s)
     validate_recipe(cfg)
     faults.configure(rank)
+    preemption = PreemptionHandler(list(cfg.trainer.preempt_signals))
+    preemption.install()  # from here on a signal is noted, and acted on before the first step
+    try:
+        return _train(cfg, run_dir, callbacks, rank, world, preemption)
+    finally:
+        if not isinstance(sys.exc_info()[1], Preempted):
+            preemption.uninstall()
+
+
+def _train(
+    cfg: TrainConfig, run_dir: Path, callbacks: list[Callback] | None, rank: int, world: int,
+    preemption: PreemptionHandler,
+) -> dict[str, float]:  # fmt: skip
+    """:func:`train` once the process group is up and the preemption signals are taken."""
     torch.manual_seed(cfg.trainer.seed)
     np.random.seed(cfg.trainer.seed)
     if cfg.moe.ep_size > world:
@@ -541,6 +561,7 @@ def train(
     data = build_run_data(cfg, rank)
     engine, model, scheduler = build_engine(cfg, len(data.tokenizer))
     safe_load.install(engine)
+    faults.point("setup")
     micro = cfg.deepspeed.micro_batch_size
     if len(data.train) < micro * world:
         raise TrainingError(
@@ -549,7 +570,7 @@ def train(
         )
     trainer = Trainer(
         cfg, run_dir, engine, model, data, scheduler, rank, world,
-        default_callbacks() + list(callbacks or []),
+        default_callbacks() + list(callbacks or []), preemption,
     )  # fmt: skip
     for r in iter_routers(model):  # the score-correction bias moves once per optimizer step
         r.defer_bias_update = True
@@ -565,10 +586,5 @@ def train(
             )  # fmt: skip
         return json.loads(done.read_text())
     _open_logger(trainer, resumed=resume_from is not None)
-    trainer.preemption.install()
-    try:
-        trainer.fit()
-    finally:
-        if not isinstance(sys.exc_info()[1], Preempted):
-            trainer.preemption.uninstall()
+    trainer.fit()
     return _finish(trainer)
