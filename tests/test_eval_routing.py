@@ -109,7 +109,7 @@ def test_validation_routing_equals_a_plain_loop_over_the_same_batches(
         assert got == pytest.approx(ref["load"], rel=1e-12)
     mean = {k: sum(r[k] for r in refs) / len(refs) for k in ("maxvio", "load_cv", "domain_mi")}
     for key, want in mean.items():
-        assert logged[f"val/routing/{key}"] == pytest.approx(want, rel=1e-9), key
+        assert logged[f"val/routing/{key}"] == pytest.approx(want, rel=1e-6), key  # float32 std
     assert logged["val/routing/dead_experts"] == sum(r["dead_experts"] for r in refs)
     want = sum(r["output_overlap"] for r in refs) / len(refs)
     assert logged["val/routing/output_overlap"] == pytest.approx(want, abs=1e-5)
