@@ -4,7 +4,8 @@
 
 Writes a labelled jsonl of the embedded corpus (bible, code, prose) large enough for the big
 run, then runs the report twice, each in a fresh process, and prints each one's peak resident
-set size (``ru_maxrss``) and their ratio.
+set size (``ru_maxrss``), the part of it above the imported libraries (torch, DeepSpeed,
+transformers) and the ratios of the big run to the small one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from pathlib import Path
 
 CHILD = """
 import resource, sys
+import deepspeed, torch, transformers
 from moespec.report.cli import main
+print("BASE_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 main(sys.argv[1:])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -45,16 +48,20 @@ def write_corpus(path: Path, chars: int) -> None:
                 return
 
 
-def measure(run_dir: Path, data: Path, tokens: int, out: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of one report over ``tokens`` tokens in a fresh process."""
+def measure(run_dir: Path, data: Path, tokens: int, out: Path) -> tuple[float, float, float, int]:
+    """(peak RSS, peak RSS above the imported libraries (MiB), seconds, tokens routed) of one
+    report over at most ``tokens`` tokens in a fresh process."""
     args = [str(run_dir), "--data", str(data), "--out", str(out), "--max-tokens", str(tokens),
             "--no-progress"]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: the report failed:\n{proc.stderr[-2000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MAXRSS_KB"))
-    return int(line.split()[1]) / 1024, time.perf_counter() - start
+    kb = {ln.split()[0]: int(ln.split()[1]) for ln in proc.stdout.splitlines()
+          if ln.startswith(("BASE_KB", "MAXRSS_KB"))}  # fmt: skip
+    routed = json.loads((out / "report.json").read_text())["data"]["tokens"]
+    peak = kb["MAXRSS_KB"] / 1024
+    return peak, peak - kb["BASE_KB"] / 1024, time.perf_counter() - start, routed
 
 
 def main() -> None:
@@ -69,10 +76,12 @@ def main() -> None:
         write_corpus(data, chars=6 * args.tokens * args.factor)  # > 4 chars per token
         small = measure(args.run_dir, data, args.tokens, Path(tmp) / "small")
         big = measure(args.run_dir, data, args.tokens * args.factor, Path(tmp) / "big")
-    print("| tokens | peak RSS (MiB) | wall (s) |\n|---|---|---|")
-    for n, (rss, wall) in ((args.tokens, small), (args.tokens * args.factor, big)):
-        print(f"| {n} | {rss:.0f} | {wall:.0f} |")
-    print(f"\npeak RSS ratio {args.factor}x / 1x: {big[0] / small[0]:.3f}")
+    print("| tokens routed | peak RSS (MiB) | above libraries (MiB) | wall (s) |")
+    print("|---|---|---|---|")
+    for rss, above, wall, routed in (small, big):
+        print(f"| {routed} | {rss:.0f} | {above:.0f} | {wall:.0f} |")
+    print(f"\npeak RSS ratio {args.factor}x / 1x: {big[0] / small[0]:.3f}; "
+          f"above libraries: {big[1] / small[1]:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def test_sweep_table_matches_each_runs_summary(sweep_dir):
     checked = 0
     for key, label in [
         ("val/loss", "validation loss"),
+        ("val/routing/output_overlap", "validation: output overlap"),
+        ("val/routing/domain_mi", "validation: domain MI"),
         ("routing/output_overlap", "expert output overlap"),
         ("routing/domain_mi", "domain MI (normalised)"),
         ("routing/variance", "routing variance"),
@@ -59,14 +61,16 @@ def test_sweep_table_matches_each_runs_summary(sweep_dir):
         shown = [float(c.strip("*")) for c in cells[label]]
         assert shown == pytest.approx(values, rel=1e-3), key
         bold = [c.startswith("**") for c in cells[label]]
-        if key in ("val/loss", "routing/output_overlap") and values[0] != values[1]:
+        lower = ("val/loss", "val/routing/output_overlap", "routing/output_overlap")
+        if key in lower and values[0] != values[1]:
             assert bold == [v == min(values) for v in values], key
-        if key in ("routing/domain_mi", "routing/variance") and values[0] != values[1]:
+        higher = ("val/routing/domain_mi", "routing/domain_mi", "routing/variance")
+        if key in higher and values[0] != values[1]:
             assert bold == [v == max(values) for v in values], key
         if key in ("routing/maxvio", "weights/variance"):
             assert not any(bold), key
         checked += 1
-    assert checked == 6
+    assert checked == 8
 
 
 def test_cli_writes_curves_that_follow_metrics_jsonl(sweep_dir, capsys):

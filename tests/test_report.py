@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from moespec.report.browser import chromium, image_status, screenshot
+from moespec.report.browser import main as browser_main
 from moespec.report.cli import main
 
 DOMAINS = {
@@ -208,9 +210,10 @@ def test_page_embeds_every_figure(report):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
+@pytest.mark.skipif(
+    chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium)"
+)
 def test_page_renders_in_headless_chromium_with_every_figure_loaded(report, tmp_path):
-    from moespec.report.browser import image_status, screenshot
 
     page = report["out"] / "report.html"
     png = screenshot(page, tmp_path / "page.png", 1200, 1600)
@@ -224,6 +227,18 @@ def test_page_renders_in_headless_chromium_with_every_figure_loaded(report, tmp_
     broken = tmp_path / "broken.html"
     broken.write_text(page.read_text().replace("base64,iVBOR", "base64,xxxx", 1))
     assert image_status(broken) == (4, 5)
+    with pytest.raises(SystemExit) as stop:  # the command line fails on a broken figure
+        browser_main([str(broken), "--screenshot", str(tmp_path / "b.png")])
+    assert stop.value.code == 1
+
+
+def test_browser_check_without_a_page_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        browser_main([str(tmp_path / "none.html"), "--screenshot", str(tmp_path / "p.png")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'none.html'}: no such file (give a report.html)"
+    ]
 
 
 def test_unlabelled_data_runs_without_the_domain_figures(smoke_run, tmp_path, monkeypatch_module):

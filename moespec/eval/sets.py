@@ -20,16 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..routing import (
-    TokenContext,
-    clear_router_losses,
-    collect_routing_stats,
-    iter_routers,
-    set_token_context,
-)
-from ..train.logging import routing_metrics
+from ..routing import TokenContext, set_token_context
 from .extract import METHODS, exact_match, extract
 from .generate import greedy_generate
+from .routing import EvalRouting
 
 SET_METRICS = ("loss", "generate")
 
@@ -167,15 +161,12 @@ def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) 
 def teacher_forced(
     model: nn.Module, es: EvalSet, device: torch.device, pad_id: int
 ) -> dict[str, float]:
-    """Mean loss over the trained tokens, perplexity, and the set's routing statistics."""
-    routers = iter_routers(model)
-    saved = [r.stats.state_dict() for r in routers]
-    for r in routers:
-        r.stats.reset()
+    """Mean loss over the trained tokens, perplexity, and the set's routing statistics
+    (every rank runs every example, so the counts are not summed over ranks)."""
     model.eval()
     total, count = 0.0, 0
     index = {d: i for i, d in enumerate(sorted({d for d in es.domains if d is not None}))}
-    try:
+    with EvalRouting(model) as routing:
         for start in range(0, len(es.examples), es.cfg.batch_size):
             chunk = es.examples[start : start + es.cfg.batch_size]
             width = max(len(x) for x, _ in chunk) - 1
@@ -203,18 +194,9 @@ def teacher_forced(
             valid = labels.to(device) != -100
             total += float((out.token_losses * valid).sum())
             count += int(valid.sum())
-        stats = collect_routing_stats(model, reset=True, all_reduce=False)
-    finally:
-        clear_router_losses(model)
-        set_token_context(model, None)
-        for r, s in zip(routers, saved):
-            r.stats.load_state_dict(s)
+        figures = routing.figures(all_reduce=False)
     loss = total / max(count, 1)
-    out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count)}
-    layers = routing_metrics(stats)  # over layers as the training window does
-    keys = ("maxvio", "output_overlap", "domain_mi", "load_cv", "dead_experts")
-    out.update({f"routing/{k}": layers[f"routing/{k}"] for k in keys if f"routing/{k}" in layers})
-    return out
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(count), **figures}
 
 
 def generation_accuracy(

@@ -2,7 +2,9 @@
 
     python -m moespec.report.browser runs/demo/report/report.html --screenshot page.png
 
-Uses the ``chromium`` of the system (Debian's package); nothing is fetched.
+Uses the ``chromium`` of the system (Debian's package: ``apt-get install chromium``); nothing
+is fetched. Exits 1 when a figure of the page did not load, 2 on bad input (one ``error:``
+line).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import argparse
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+from ..cli import fail
 
 #: Marks each <img> after the page loaded: data-loaded="yes" when it decoded to a picture.
 MARK_SCRIPT = """<script>
@@ -26,14 +31,19 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+#: Headless, no sandbox (root in a container), no GPU, /tmp instead of a small /dev/shm, and
+#: nothing that reaches the network.
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-first-run", "--no-default-browser-check")  # fmt: skip
+
+
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     binary = chromium()
     if binary is None:
         raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--no-first-run", f"--user-data-dir={profile}", *args]  # fmt: skip
+        cmd = [binary, *FLAGS, f"--user-data-dir={profile}", *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -43,6 +53,16 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 2400) -> 
                  "--hide-scrollbars", page.resolve().as_uri()], timeout=180)  # fmt: skip
     if not png.is_file():
         raise RuntimeError(f"chromium wrote no screenshot: {proc.stderr[-500:]}")
+    return png
+
+
+def to_palette(png: Path, colors: int) -> Path:
+    """Rewrite ``png`` with at most ``colors`` colours (a small file for docs)."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        small = im.convert("RGB").quantize(colors)
+    small.save(png, optimize=True)
     return png
 
 
@@ -57,17 +77,28 @@ def image_status(page: Path) -> tuple[int, int]:
     return len(re.findall(r'<img\b[^>]*data-loaded="yes"', dom)), total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Screenshot a report and print how many of its figures loaded."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("page", type=Path)
     p.add_argument("--screenshot", type=Path, required=True)
     p.add_argument("--width", type=int, default=1400)
     p.add_argument("--height", type=int, default=2400)
-    args = p.parse_args()
-    screenshot(args.page, args.screenshot, args.width, args.height)
-    loaded, total = image_status(args.page)
+    p.add_argument("--colors", type=int, default=0, help="palette PNG of N colours (0: full)")
+    args = p.parse_args(argv)
+    if not args.page.is_file():
+        fail(f"{args.page}: no such file (give a report.html)")
+    try:
+        screenshot(args.page, args.screenshot, args.width, args.height)
+        if args.colors:
+            to_palette(args.screenshot, args.colors)
+        loaded, total = image_status(args.page)
+    except (FileNotFoundError, RuntimeError, subprocess.TimeoutExpired) as err:
+        fail(err)
     print(f"{args.screenshot}: {loaded} of {total} figures loaded")
+    if loaded < total:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("routing/load_cv", "load CV", None),
     ("routing/dead_experts", "dead experts", None),
 )
+#: The routing of the validation batches (logged with ``val/loss``).
+VAL_ROUTING_METRICS: tuple[tuple[str, str, str | None], ...] = (
+    ("val/routing/output_overlap", "validation: output overlap", "lower"),
+    ("val/routing/domain_mi", "validation: domain MI", "higher"),
+    ("val/routing/maxvio", "validation: MaxVio", None),
+)
 #: The panels of the curves plot, in order; missing ones are skipped.
 PLOT_METRICS: tuple[str, ...] = (
     "train/lm_loss",
@@ -182,12 +188,14 @@ def _fmt(value: float | None) -> str:
 
 
 def table_rows(runs: list[Run]) -> list[tuple[str, str, str | None]]:
-    """The rows of the comparison: the default metrics plus per-domain validation loss."""
+    """The rows of the comparison: the default metrics plus per-domain validation loss and
+    the routing of the validation batches."""
     domains = sorted(
         {k[len("val/loss/") :] for r in runs for k in r.summary if k.startswith("val/loss/")}
     )
     rows = list(TABLE_METRICS[:1])
     rows += [(f"val/loss/{d}", f"validation loss: {d}", "lower") for d in domains]
+    rows += VAL_ROUTING_METRICS
     rows += TABLE_METRICS[1:]
     keys = {k for r in runs for k in r.summary}
     rows += eval_rows(keys)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,13 @@ import numpy as np
 log = logging.getLogger("moespec")
 
 
+_PER_LAYER = re.compile(r"(^|/)layer\d+/")
+
+
 def run_level(metrics: dict[str, float]) -> dict[str, float]:
-    """The run-level entries of a metrics row (``group/name``; no ``layer{i}/...``, no step)."""
-    return {k: v for k, v in metrics.items() if "/" in k and not k.startswith("layer")}
+    """The run-level entries of a metrics row (``group/name``; no step, nothing per layer
+    such as ``layer{i}/...`` or ``val/layer{i}/...``)."""
+    return {k: v for k, v in metrics.items() if "/" in k and not _PER_LAYER.search(k)}
 
 
 _ACROSS_LAYERS = {"sum": np.sum, "mean": np.mean, "max": np.max}
