@@ -131,7 +131,10 @@ def test_native_and_deepspeed_build_the_same_model():
         assert torch.equal(a.mlp.router.weight, b.mlp.router.weight)
         for x, y in zip(_fused(a.mlp), _fused(b.mlp)):
             assert torch.equal(x, y)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    # an in-process test may have set the launcher variables: the worker picks its own port
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=300
     )
