@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +122,7 @@ def test_seed_draws_the_weights_of_the_old_layout(backend, ds_ready):
             assert float(value.detach().double().sum()) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
-def test_native_and_deepspeed_build_the_same_model():
+def test_native_and_deepspeed_build_the_same_model(train_env):
     """Same seed: equal router and expert weights; equal outputs, losses and gradients."""
     pytest.importorskip("deepspeed")
     for a, b in zip(_tiny("native").layers, _tiny("deepspeed").layers):
@@ -131,12 +130,8 @@ def test_native_and_deepspeed_build_the_same_model():
         assert torch.equal(a.mlp.router.weight, b.mlp.router.weight)
         for x, y in zip(_fused(a.mlp), _fused(b.mlp)):
             assert torch.equal(x, y)
-    launcher_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
-    # an in-process test may have set the launcher variables: the worker picks its own port
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=300
+    proc = subprocess.run(  # train_env: no launcher variables, so the worker picks its own port
+        [sys.executable, str(WORKER)], env=train_env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
