@@ -36,6 +36,12 @@ def train_env(moespec_cache) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def torchrun2() -> list[str]:
+    """``torchrun`` for 2 local ranks; ``--standalone`` binds its rendezvous port itself."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="session")
 def run_train(train_env):
     """``run_train(args, launcher=None)``: run ``python -m moespec.train ARGS`` and return the process."""
 

@@ -1,6 +1,5 @@
 """Expert parallelism: 2 ranks with EP=2 give the losses and gradients of one process."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ import torch
 
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig, collect_router_losses
-from moespec.train.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "ep_layer.py"
@@ -50,21 +48,9 @@ def reference(batch: torch.Tensor) -> dict:
 
 
 @pytest.mark.multiproc
-def test_ep2_matches_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [
-        torchrun,
-        "--nproc_per_node",
-        str(WORLD),
-        "--master_port",
-        str(port),
-        str(WORKER),
-        str(tmp_path),
-        "2",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def test_ep2_matches_single_process(torchrun2, train_env, tmp_path):
+    cmd = [*torchrun2, str(WORKER), str(tmp_path), "2"]
+    proc = subprocess.run(cmd, env=train_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch = torch.randn(WORLD, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
     ref = reference(batch)
@@ -84,30 +70,27 @@ def test_ep2_matches_single_process(tmp_path):
             torch.testing.assert_close(got["down_grads"][i], ref["down"][e].T, **tol)
 
 
-def test_token_dropping_matches_per_token_loop():
+def test_token_dropping_matches_per_token_loop(train_env):
     """capacity_factor < 1 with drop_tokens: outputs, dropped count, L_o and overlap vs a loop."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = WORKER.parent / "ds_capacity.py"
     proc = subprocess.run(
-        [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(worker)], env=train_env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0 and "ok dropped=" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.multiproc
-def test_global_aux_scope_equals_whole_batch_loss(tmp_path):
+def test_global_aux_scope_equals_whole_batch_loss(torchrun2, train_env, tmp_path):
     """scope=global over 2 ranks: each rank's loss is the whole batch's, and the gradients
     averaged over ranks (what data parallelism applies) are the whole batch's gradient."""
     from moespec.routing import Router, RouterConfig
     from moespec.routing import losses as L
 
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     worker = WORKER.parent / "global_aux.py"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
-    )
+        [*torchrun2, str(worker), str(tmp_path)], env=train_env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     router = Router(12, RouterConfig(num_experts=6, top_k=2))

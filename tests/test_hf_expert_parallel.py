@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from moespec.hooks import find_moe_blocks  # noqa: E402
 from moespec.models.expert_parallel import convert_expert_parallel  # noqa: E402
 from moespec.models.hf_tiny import tiny_moe_model  # noqa: E402
 from moespec.moe import MoEConfig  # noqa: E402
-from moespec.train.launch import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,10 +43,9 @@ def test_gathered_experts_restore_the_class_layout(family: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_two_ranks_equal_one_process_and_train(train_env, tmp_path) -> None:
+def test_two_ranks_equal_one_process_and_train(torchrun2, train_env, tmp_path) -> None:
     out = tmp_path / "ep.json"
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd = [*torchrun2]
     cmd += [str(ROOT / "scripts/hf_coverage_ep.py"), str(out), "gpt_oss:gpt_oss,glm4_moe:glm4_moe"]
     proc = subprocess.run(cmd, env=train_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

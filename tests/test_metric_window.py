@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from moespec.routing.metrics import MetricWindow, RoutingStats
-from moespec.train.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,12 +59,8 @@ def test_routing_stats_match_a_per_token_loop():
 
 
 @pytest.mark.multiproc
-def test_all_reduce_over_two_ranks_with_different_entries(train_env, tmp_path):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(ROOT / "tests" / "workers" / "metric_window.py"),
-        str(tmp_path),
-    ]  # fmt: skip
+def test_all_reduce_over_two_ranks_with_different_entries(torchrun2, train_env, tmp_path):
+    cmd = [*torchrun2, str(ROOT / "tests" / "workers" / "metric_window.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=train_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want_counts = torch.tensor([[2.0, 1], [2, 1], [1, 1]], dtype=torch.float64)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from moespec.train.launch import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "train_window.py"
 EXAMPLE = ROOT / "examples" / "entropy_loss.py"
 
 
 @pytest.mark.multiproc
-def test_window_losses_equal_their_definition_over_ranks_and_micro_batches(train_env, tmp_path):
+def test_window_losses_equal_their_definition_over_ranks_and_micro_batches(
+    torchrun2, train_env, tmp_path
+):
     """2 ranks (expert parallel) × gradient accumulation 2 × 2 steps per window: every logged
     loss is the mean of the per-micro-batch values of all ranks, layer by layer."""
     overrides = [
@@ -29,10 +29,7 @@ def test_window_losses_equal_their_definition_over_ranks_and_micro_batches(train
         "trainer.eval_every=100", "trainer.save_every=0", "trainer.progress=false",
         "wandb.enabled=false",
     ]  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(WORKER), str(tmp_path), *overrides,
-    ]  # fmt: skip
+    cmd = [*torchrun2, str(WORKER), str(tmp_path), *overrides]
     proc = subprocess.run(cmd, env=train_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     micro = [m for r in (0, 1) for m in json.loads((tmp_path / f"rank{r}.json").read_text())]
