@@ -94,6 +94,12 @@ def make_variant(base: torch.nn.Module, weights: tuple | None):
     return step
 
 
+def paired_ratio(times: list[float], ref: list[float]) -> tuple[float, float, float]:
+    """Quartiles (25%, 50%, 75%) of the per-round ratios ``times[r] / ref[r]``."""
+    q1, q2, q3 = statistics.quantiles([t / r for t, r in zip(times, ref)], n=4)
+    return q1, q2, q3
+
+
 def profile(step, batch: torch.Tensor, rows: int = 12) -> None:
     """Print the ops that take a step's time (CPU self time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -111,9 +117,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per round and variant")
     parser.add_argument("--profile", action="store_true", help="profile one step of each variant")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is "
+        "steadier on a machine that shares its cores",
+    )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = make_base(args.config)
     vocab = base.config.vocab_size
@@ -138,18 +150,24 @@ def main() -> None:
             for b in batches:
                 variants[name](b[:, :-1], b[:, 1:])
             times[name].append((time.perf_counter() - t0) / len(batches))
+    ref_times = times["transformers aux"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    ref = med["transformers aux"]
-    rows = [[k, f"{v * 1e3:.1f}", f"{v / ref:.3f}"] for k, v in med.items()]
-    table = markdown_table(["variant", "median step (ms)", "ratio"], rows)
-    aux, full = med["moespec aux"] / ref, med["moespec aux+orth+var"] / ref
+    ratio = {k: paired_ratio(v, ref_times) for k, v in times.items()}
+    rows = [
+        [k, f"{med[k] * 1e3:.1f}", f"{r[1]:.3f}", f"{r[0]:.3f} – {r[2]:.3f}"]
+        for k, r in ratio.items()
+    ]
+    table = markdown_table(["variant", "median step (ms)", "ratio", "ratio IQR"], rows)
+    aux, full = ratio["moespec aux"][1], ratio["moespec aux+orth+var"][1]
     verdict = [
         f"aux only **{aux:.3f}** ({'meets' if aux <= 1.02 else 'misses'} <= 1.02)",
         f"aux+orth+var **{full:.3f}** ({'meets' if full <= 1.05 else 'misses'} <= 1.05)",
     ]
     body = (
         f"Qwen3-MoE `{args.config}`, batch {args.batch} x {args.seq} tokens, AdamW "
-        f"step included; {args.rounds} interleaved rounds of {args.steps} steps, medians.\n\n"
+        f"step included; {args.rounds} interleaved rounds of {args.steps} steps. The ratio is "
+        "the median over rounds of each round's step time over transformers' in the same "
+        "round (paired, so drift in the machine's speed cancels); IQR: its quartiles.\n\n"
         f"{table}\n\nRatios against transformers' own aux: {'; '.join(verdict)}."
     )
     print(body)
