@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -68,3 +69,36 @@ def read_metrics():
         return [r for r in rows if "alert" not in r]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def trace_routing():
+    """``with trace_routing(model) as seen:`` records, per moespec MoE layer and per token
+    routed, ``(chosen experts, router scores, each chosen expert's raw output)`` by a loop."""
+
+    @contextlib.contextmanager
+    def trace(model):
+        layers = [m for m in model.modules() if getattr(m, "is_moespec_moe", False)]
+        seen: list[list] = [[] for _ in layers]
+
+        def recorder(records: list, layer):
+            def hook(router, args, out):
+                x = args[0]
+                for t in range(x.shape[0]):
+                    chosen = out.idx[t].tolist()
+                    ys = [layer.experts.expert_forward(e, x[t]) for e in chosen]
+                    records.append((chosen, out.scores[t].tolist(), ys))
+
+            return hook
+
+        handles = [
+            layer.router.register_forward_hook(recorder(records, layer))
+            for records, layer in zip(seen, layers)
+        ]
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+
+    return trace

@@ -27,7 +27,7 @@ def smoke_run(run_train, tmp_path_factory) -> Path:
     return run_dir
 
 
-def _routing_of_val_batches(run_dir: Path) -> tuple[list[list], int, int]:
+def _routing_of_val_batches(run_dir: Path, trace_routing) -> tuple[list[list], int, int]:
     """Per layer, per token of the evaluated batches: (chosen experts, domain id, k outputs)."""
     from moespec.eval.cli import load_model
     from moespec.train.sampler import batch_iterator
@@ -36,31 +36,15 @@ def _routing_of_val_batches(run_dir: Path) -> tuple[list[list], int, int]:
     cfg, model = loaded.cfg, loaded.model.eval()
     micro = cfg.deepspeed.micro_batch_size
     batches = min(cfg.trainer.eval_batches, len(loaded.data.val) // micro)
-    layers = [m for m in model.modules() if getattr(m, "is_moespec_moe", False)]
-    seen: list[list] = [[] for _ in layers]
     doms: list[int] = []
-    handles = []
-    for li, layer in enumerate(layers):
-
-        def hook(router, args, out, li=li, layer=layer):
-            x = args[0]
-            for t in range(x.shape[0]):
-                chosen = out.idx[t].tolist()
-                seen[li].append((chosen, [layer.experts.expert_forward(e, x[t]) for e in chosen]))
-
-        handles.append(layer.router.register_forward_hook(hook))
     it = batch_iterator(loaded.data.val, micro, seed=0, num_epochs=1)
-    try:
-        with torch.no_grad():
-            for _ in range(batches):
-                batch = next(it)
-                model(batch["input_ids"])
-                doms += batch["domain_ids"].reshape(-1).tolist()
-    finally:
-        for h in handles:
-            h.remove()
+    with trace_routing(model) as seen, torch.no_grad():
+        for _ in range(batches):
+            batch = next(it)
+            model(batch["input_ids"])
+            doms += batch["domain_ids"].reshape(-1).tolist()
     return (
-        [[(c, d, ys) for (c, ys), d in zip(layer, doms)] for layer in seen],
+        [[(c, d, ys) for (c, _, ys), d in zip(layer, doms)] for layer in seen],
         len(loaded.data.domains),
         cfg.moe.num_experts,
     )
@@ -97,12 +81,12 @@ def _layer_reference(tokens: list, num_domains: int, e: int) -> dict:
 
 
 def test_validation_routing_equals_a_plain_loop_over_the_same_batches(
-    smoke_run, moespec_cache, monkeypatch
+    smoke_run, moespec_cache, monkeypatch, trace_routing
 ):
     monkeypatch.setenv("MOESPEC_CACHE", str(moespec_cache))
     rows = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     (logged,) = [r for r in rows if r.get("step") == 4 and "val/loss" in r]
-    per_layer, num_domains, e = _routing_of_val_batches(smoke_run)
+    per_layer, num_domains, e = _routing_of_val_batches(smoke_run, trace_routing)
     refs = [_layer_reference(tokens, num_domains, e) for tokens in per_layer]
     for i, ref in enumerate(refs):
         got = [logged[f"val/layer{i}/routing/load/expert{a}"] for a in range(e)]

@@ -12,7 +12,8 @@ from moespec.eval.extract import exact_match
 from moespec.eval.sets import EvalSetConfig, eval_set_config, evaluate_set, load_eval_set
 from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
-from moespec.train.data import DataConfig, train_bpe_tokenizer
+from moespec.train.data import DataConfig
+from moespec.train.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

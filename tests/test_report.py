@@ -84,34 +84,17 @@ def _windows(tokenizer, path: Path, seq_len: int) -> list[tuple[list[int], list[
 
 
 @pytest.fixture(scope="module")
-def reference(smoke_run, labelled, report) -> dict:
+def reference(smoke_run, labelled, report, trace_routing) -> dict:
     """Per layer, per token: (token id, domain, chosen experts, scores, k expert outputs)."""
     from moespec.eval.cli import load_model
 
     loaded = load_model(smoke_run, [])
     model, tok = loaded.model.eval(), loaded.data.tokenizer
-    layers = [m for m in model.modules() if getattr(m, "is_moespec_moe", False)]
-    seen: list[list] = [[] for _ in layers]
-    handles = []
-    for li, layer in enumerate(layers):
-
-        def hook(router, args, out, li=li, layer=layer):
-            x = args[0]
-            for t in range(x.shape[0]):
-                chosen = out.idx[t].tolist()
-                ys = [layer.experts.expert_forward(e, x[t]) for e in chosen]
-                seen[li].append((chosen, out.scores[t].tolist(), ys))
-
-        handles.append(layer.router.register_forward_hook(hook))
     tokens = []
-    try:
-        with torch.no_grad():
-            for ids, doms in _windows(tok, labelled, loaded.cfg.data.seq_len):
-                model(torch.tensor([ids]))
-                tokens += list(zip(ids, doms))
-    finally:
-        for h in handles:
-            h.remove()
+    with trace_routing(model) as seen, torch.no_grad():
+        for ids, doms in _windows(tok, labelled, loaded.cfg.data.seq_len):
+            model(torch.tensor([ids]))
+            tokens += list(zip(ids, doms))
     return {"tokens": tokens, "layers": seen, "tokenizer": tok}
 
 

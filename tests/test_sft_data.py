@@ -22,14 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from moespec.train.data import (
-    DataConfig,
-    build_data,
-    train_bpe_tokenizer,
-    validate_data_config,
-)
+from moespec.train.data import DataConfig, build_data, validate_data_config
 from moespec.train.packing import ExampleRows, best_fit_decreasing
 from moespec.train.sampler import batch_iterator
+from moespec.train.tokenizer import train_bpe_tokenizer
 
 TEXT = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "

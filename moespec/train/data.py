@@ -17,14 +17,10 @@ data with labels only on the trained tokens, packed several to a row or padded o
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +31,7 @@ from torch.utils.data import Dataset
 
 from moespec.paths import default_cache_dir
 from moespec.train import corpus
+from moespec.train.cache import content_hash, file_lock, publish_dir
 from moespec.train.packing import ExampleRows
 from moespec.train.sft import (
     FORMATS,
@@ -42,21 +39,20 @@ from moespec.train.sft import (
     TRUNCATION,
     template_fields,
 )
+from moespec.train.tokenizer import (
+    eos_id,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+)
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerFast
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None
-
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 DATA_EXTENSIONS: dict[str, str] = {
     ".jsonl": "json",
     ".json": "json",
@@ -151,10 +147,6 @@ class PackedDataset(Dataset):
         return self._n * self.seq_len
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _stat_fingerprint(path: Path) -> list[Any]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -213,7 +205,8 @@ def render_messages(messages: Sequence[dict[str, Any]], tokenizer: Any = None) -
     return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in messages)
 
 
-def _load_one(path: Path, hf_cache: Path) -> datasets.Dataset:
+def load_data_file(path: Path, hf_cache: Path) -> datasets.Dataset:
+    """One data file (or ``save_to_disk`` directory) as a ``datasets.Dataset``."""
     import datasets
 
     if path.is_dir():
@@ -248,7 +241,7 @@ def load_documents(cfg: DataConfig, chat_tokenizer: Any = None) -> datasets.Data
     hf_cache = Path(cfg.cache_dir or default_cache_dir()) / "hf-datasets"
     parts = []
     for path in resolve_sources(cfg.source):
-        ds = _load_one(path, hf_cache)
+        ds = load_data_file(path, hf_cache)
         cols = ds.column_names
         dom_col = cfg.domain_field if cfg.domain_field in cols else None
         if path.suffix.lower() == ".txt":
@@ -302,78 +295,11 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.nda
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place (atomic rename)."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
-            raise
-
-
-def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` (EOS) and ``<|pad|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if vocab_size < 258:
-        raise ValueError(f"vocab_size must be >= 258 for byte-level BPE, got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of a tokenizer's vocabulary/merges, special tokens and chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab()))
-    extra = [tokenizer.eos_token, getattr(tokenizer, "chat_template", None)]
-    return _hash([hashlib.sha256(body.encode()).hexdigest(), extra])
-
-
-def _load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    from transformers import AutoTokenizer
-
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: tokenizer directory not found (or use tokenizer='bpe')")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-
-
-def _eos_id(tokenizer: Any) -> int:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one")
-    return int(eos)
-
-
 def tokenize_documents(
     docs: datasets.Dataset, tokenizer: Any, domains: list[str], *, show_progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize docs (EOS appended) into ``(flat_tokens, flat_domain_ids, doc_offsets)``."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     index = {d: i for i, d in enumerate(domains)}
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -500,8 +426,8 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
         return docs, split
 
     if tokenizer is None and cfg.tokenizer == "bpe":
-        tok_dir = cache / "tokenizers" / f"bpe-{_hash([doc_key, cfg.vocab_size])}"
-        with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+        tok_dir = cache / "tokenizers" / f"bpe-{content_hash([doc_key, cfg.vocab_size])}"
+        with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
             if not (tok_dir / "tokenizer.json").is_file():
                 d, (train_idx, _) = get_docs(None)
                 log.info("training a %d-token BPE tokenizer on %d docs", cfg.vocab_size, len(d))
@@ -510,15 +436,15 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
                 tok_dir.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
                 tok.save_pretrained(str(tmp))
-                _publish_dir(tmp, tok_dir)
-        tokenizer = _load_tokenizer(str(tok_dir))
+                publish_dir(tmp, tok_dir)
+        tokenizer = load_tokenizer(str(tok_dir))
     elif tokenizer is None:
-        tokenizer = _load_tokenizer(cfg.tokenizer)
-    _eos_id(tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    eos_id(tokenizer)
 
-    data_key = _hash([doc_key, tokenizer_fingerprint(tokenizer)])
+    data_key = content_hash([doc_key, tokenizer_fingerprint(tokenizer)])
     data_dir = cache / "packed" / data_key
-    with _file_lock(cache / "locks" / f"{data_key}.lock"):
+    with file_lock(cache / "locks" / f"{data_key}.lock"):
         if not (data_dir / "meta.json").is_file():
             d, (train_idx, val_idx) = get_docs(tokenizer)
             domains = sorted({x for x in d["domain"] if x is not None}) if cfg.domain_field else []
@@ -538,7 +464,7 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
                 "config": asdict(cfg),
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            _publish_dir(tmp, data_dir)
+            publish_dir(tmp, data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
 
     def load(name: str) -> PackedDataset:

@@ -14,19 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moespec.paths import default_cache_dir
+from moespec.train.cache import content_hash, file_lock, publish_dir
 from moespec.train.data import (
     DataBundle,
     DataConfig,
-    _eos_id,
-    _file_lock,
-    _hash,
-    _load_one,
-    _load_tokenizer,
-    _publish_dir,
+    load_data_file,
     resolve_sources,
     split_documents,
-    tokenizer_fingerprint,
-    train_bpe_tokenizer,
 )
 from moespec.train.packing import ExampleRows
 from moespec.train.sft import (
@@ -35,6 +29,12 @@ from moespec.train.sft import (
     require_chat_template,
     resolve_format,
     row_texts,
+)
+from moespec.train.tokenizer import (
+    eos_id,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class SftSources:
             hf_cache = Path(cfg.cache_dir or default_cache_dir()) / "hf-datasets"
             self._loaded = []
             for path in resolve_sources(cfg.source):
-                ds = _load_one(path, hf_cache)
+                ds = load_data_file(path, hf_cache)
                 fmt = resolve_format(cfg, ds.column_names)
                 check_columns(cfg, fmt, ds.column_names, str(path))
                 self._loaded.append((path, ds, fmt))
@@ -144,13 +144,13 @@ def build_sft(
     split = _LazySplit(cfg, sources)
     if tokenizer is None:
         tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split)
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     if needs_template:
         require_chat_template(tokenizer, why)
     key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
-    data_key = _hash([key, tokenizer_fingerprint(tokenizer)])
+    data_key = content_hash([key, tokenizer_fingerprint(tokenizer)])
     data_dir = cache / "sft" / data_key
-    with _file_lock(cache / "locks" / f"sft-{data_key}.lock"):
+    with file_lock(cache / "locks" / f"sft-{data_key}.lock"):
         if not (data_dir / "meta.json").is_file():
             _write_sft_cache(data_dir, cfg, sources, tokenizer, split())
     meta = json.loads((data_dir / "meta.json").read_text())
@@ -190,9 +190,9 @@ def _sft_tokenizer(
 ) -> Any:
     """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows."""
     if cfg.tokenizer != "bpe":
-        return _load_tokenizer(cfg.tokenizer)
-    tok_dir = cache / "tokenizers" / f"bpe-{_hash([texts_key, cfg.vocab_size])}"
-    with _file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+        return load_tokenizer(cfg.tokenizer)
+    tok_dir = cache / "tokenizers" / f"bpe-{content_hash([texts_key, cfg.vocab_size])}"
+    with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
         if not (tok_dir / "tokenizer.json").is_file():
             train_idx, _ = split()
             log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
@@ -200,8 +200,8 @@ def _sft_tokenizer(
             tok_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
             tok.save_pretrained(str(tmp))
-            _publish_dir(tmp, tok_dir)
-    return _load_tokenizer(str(tok_dir))
+            publish_dir(tmp, tok_dir)
+    return load_tokenizer(str(tok_dir))
 
 
 def _write_sft_cache(
@@ -232,7 +232,7 @@ def _write_sft_cache(
         "config": asdict(cfg),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    _publish_dir(tmp, data_dir)
+    publish_dir(tmp, data_dir)
 
 
 def _load_sft_rows(data_dir: Path, name: str, cfg: DataConfig, pad: int, rank: int) -> ExampleRows:

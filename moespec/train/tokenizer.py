@@ -1,0 +1,63 @@
+"""Tokenizers of the data pipeline: a byte-level BPE trained on the corpus, or one loaded from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moespec.train.cache import content_hash
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` (EOS) and ``<|pad|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 258:
+        raise ValueError(f"vocab_size must be >= 258 for byte-level BPE, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary/merges, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab()))
+    extra = [tokenizer.eos_token, getattr(tokenizer, "chat_template", None)]
+    return content_hash([hashlib.sha256(body.encode()).hexdigest(), extra])
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """A tokenizer saved in a local directory (never the Hub)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: tokenizer directory not found (or use tokenizer='bpe')")
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's EOS id; a clear error when it has none."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one")
+    return int(eos)
