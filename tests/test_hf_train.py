@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -301,13 +302,15 @@ EP_ARCHS = [
 @pytest.mark.multiproc
 @pytest.mark.parametrize("arch", EP_ARCHS)
 def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
-    """3 steps with EP=2 over 2 ranks; the export holds each rank's trained experts."""
+    """3 steps with EP=2 over 2 ranks; the export holds each rank's trained experts, and
+    DeepSpeed's CPU allreduce buffers are gone from /dev/shm."""
     from transformers import AutoModelForCausalLM
 
     from moespec.hooks import find_moe_blocks
-    from moespec.train.launch import deepspeed_launcher
+    from moespec.train.launch import deepspeed_launcher, free_port
 
-    launcher = deepspeed_launcher(2)
+    port = free_port()
+    launcher = deepspeed_launcher(2, port=port)
     run_dir = tmp_path / "ep"
     proc = _train(
         run_train,
@@ -316,6 +319,8 @@ def test_expert_parallel_two_ranks_exports_plain(run_train, tmp_path, arch):
         launcher=launcher,
     )
     assert f"expert parallel: 2 {arch} MoE blocks" in proc.stderr + proc.stdout
+    buffers = Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+    assert not list(buffers)
     plain = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
     state = plain.state_dict()
     ckpt = sorted((run_dir / "checkpoints").glob("step*"))[-1]

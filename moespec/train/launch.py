@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import sys
 from pathlib import Path
@@ -28,3 +30,26 @@ def deepspeed_launcher(ranks: int, *, port: int | None = None) -> list[str]:
         "--no_local_rank",
         "--module",
     ]  # fmt: skip
+
+
+def unlink_shm_allreduce_buffer(rank: int) -> None:
+    """Drop the name of this rank's DeepSpeed CPU allreduce buffer from ``/dev/shm``.
+
+    With every rank on one machine (``LOCAL_SIZE`` equal to the world size, as the DeepSpeed
+    launcher sets it), DeepSpeed's CPU communication maps a 66 MB shared-memory buffer per rank,
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never unlinks
+    it: each run, even a killed one, leaves its buffers behind until ``/dev/shm`` fills. Call on
+    every rank after a barrier that follows the process group's start, when every rank has
+    mapped every buffer: the mappings stay valid and the memory is freed when the ranks exit.
+    """
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        ]
+    )
+    with contextlib.suppress(FileNotFoundError):
+        (Path("/dev/shm") / name).unlink()

@@ -42,7 +42,7 @@ from .compare import CompareError, load_run
 from .config import TrainConfig
 from .data import DataBundle, build_data, validate_data_config
 from .guard import StepGuard
-from .launch import free_port
+from .launch import free_port, unlink_shm_allreduce_buffer
 from .logging import MetricsLogger, run_level
 from .preempt import Preempted, PreemptionHandler
 from .sampler import batch_iterator
@@ -74,6 +74,10 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            if dist.get_world_size() > 1:
+                dist.barrier()  # every rank has mapped every rank's buffer
+            unlink_shm_allreduce_buffer(dist.get_rank())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
