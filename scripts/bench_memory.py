@@ -116,7 +116,7 @@ def deepspeed_estimate_gib(stage: int, params: int, largest: int, ranks: int) ->
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        _, dev = estimate_zero3_model_states_mem_needs(
+        _, dev, *_ = estimate_zero3_model_states_mem_needs(  # (cpu, gpu[, largest layer])
             params, largest, ranks, 1, cpu_offload=False, cpu_offload_params=False
         )
     else:
@@ -172,12 +172,19 @@ def main() -> None:
     p.add_argument("--stages", default="0,2,3")
     p.add_argument("--only", help="one configuration, e.g. z3_ac1_lora1")
     p.add_argument("--out", type=Path, help="append the table to this markdown file")
+    p.add_argument(
+        "--rows", type=Path, help="keep each configuration's figures in this jsonl as it is "
+        "measured; configurations already there are not run again",
+    )  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(args.worker), args.worker_out)
     stages = [int(s) for s in args.stages.split(",")]
+    done = {}
+    if args.rows and args.rows.is_file():
+        done = {r["name"]: r for r in map(json.loads, args.rows.read_text().splitlines())}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.json"
@@ -187,10 +194,16 @@ def main() -> None:
             name = f"z{stage}_ac{int(ckpt)}_lora{int(lora)}"
             if args.only and name != args.only:
                 continue
-            row = {"stage": stage, "ckpt": ckpt, "lora": lora}
+            if name in done:
+                rows.append(done[name])
+                continue
+            row = {"name": name, "stage": stage, "ckpt": ckpt, "lora": lora}
             row.update(run_one(spec, args.ranks, Path(tmp), name))
             rows.append(row)
             print(name, json.dumps(row), flush=True)
+            if args.rows:
+                with args.rows.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
     text = table(rows, args)
     print(text)
     if args.out:
