@@ -258,11 +258,32 @@ def run_rounds(variants: list[Variant], rounds: int, warmup: int, device: torch.
             v.times.append(time_fn(v.step, warmup=0, repeat=1))
 
 
+def same_routing_rows(ours: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """Tokens [T] whose top-k experts agree between router logits computed in ``x``'s dtype
+    (as transformers and DeepSpeed compute them) and in float32 (as moespec does).
+
+    In bfloat16 a near-tie between two experts' scores can flip with the rounding of the
+    logits, and a flipped expert changes that token's output and input gradient entirely:
+    such tokens say nothing about an implementation's arithmetic, so they are left out of
+    the comparison (and counted).
+    """
+    w, k = ours.router.weight, ours.router.top_k
+    with torch.no_grad():
+        low = F.linear(x, w.to(x.dtype)).float().softmax(-1).topk(k).indices.sort(-1).values
+        high = F.linear(x.float(), w.float()).softmax(-1).topk(k).indices.sort(-1).values
+    return (low == high).all(-1)
+
+
 def check_outputs(
     ours: MoELayer, others: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor
 ) -> dict[str, float]:
-    """Max |Δ| of output and input gradient of each layer against ``ours``; raise if off."""
+    """Max relative |Δ| of output and input gradient of each layer against ``ours``, over the
+    tokens routed alike in both (:func:`same_routing_rows`; all of them in float32 and
+    float64); raise if off, or if more than 2% of the tokens were routed differently."""
     tol = 1e-3 if x.dtype == torch.float32 else (1e-9 if x.dtype == torch.float64 else 5e-2)
+    rows = same_routing_rows(ours, x)
+    if rows.float().mean().item() < 0.98:
+        raise AssertionError(f"{(~rows).sum().item()} of {len(rows)} tokens routed differently")
 
     def run(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         xi = x.detach().requires_grad_(True)
@@ -270,7 +291,7 @@ def check_outputs(
         out = out[0] if isinstance(out, tuple) else out
         (out * grad_out).sum().backward()
         layer.zero_grad(set_to_none=True)
-        return out.detach().float(), xi.grad.float()
+        return out.detach().float()[rows], xi.grad.float()[rows]
 
     ref_out, ref_grad = run(ours)
     scale = ref_out.abs().max().item()
@@ -302,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed + 1)
     x = torch.randn(args.tokens, args.hidden).to(device=device, dtype=dtype)
     grad_out = torch.randn_like(x)
+    flipped = int((~same_routing_rows(ours, x)).sum())
+    if flipped:
+        notes.append(
+            f"{flipped} of {args.tokens} tokens have other top-{args.top_k} experts with {args.dtype} "
+            "router logits than with float32 ones (near-ties); the output checks leave them out."
+        )
 
     # transformers: every experts implementation, keep those that run and match.
     hf = make_hf_block(ours, args).to(device=device, dtype=dtype)

@@ -1,0 +1,57 @@
+"""scripts/bench_moe_layer.py's correctness gate: in bfloat16 transformers' experts match
+moespec's layer on the tokens both route alike, and a wrong layer is still refused."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its sibling benchlib
+    spec = importlib.util.spec_from_file_location(
+        "bench_moe_layer", ROOT / "scripts" / "bench_moe_layer.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name)
+    sys.path.remove(str(ROOT / "scripts"))
+
+
+def _layers(bench, dtype: torch.dtype):
+    args = argparse.Namespace(hidden=64, ffn=32, experts=16, top_k=4, seed=0)
+    ours = bench.make_moespec(args, ortho=0.0, variance=0.0).to(dtype)
+    hf = bench.make_hf_block(ours, args).to(dtype)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    wrapped = bench._Wrap(lambda xi: hf(xi.unsqueeze(0)).squeeze(0), hf)
+    return ours, hf, wrapped, x
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_bf16_transformers_experts_pass_on_tokens_routed_alike(bench, impl):
+    ours, hf, wrapped, x = _layers(bench, torch.bfloat16)
+    hf.experts.config._experts_implementation = impl
+    rows = bench.same_routing_rows(ours, x)
+    assert 0.98 <= rows.float().mean() < 1.0  # bf16 flips a few near-ties, not many
+    errs = bench.check_outputs(ours, {impl: wrapped}, x, torch.randn_like(x))
+    assert errs[impl] <= 5e-2
+
+
+def test_float32_routes_every_token_alike_and_a_wrong_layer_fails(bench):
+    ours, hf, wrapped, x = _layers(bench, torch.float32)
+    assert bool(bench.same_routing_rows(ours, x).all())
+    bench.check_outputs(ours, {"eager": wrapped}, x, torch.randn_like(x))
+    with torch.no_grad():
+        hf.experts.down_proj[3] *= 1.01  # one expert off by 1%
+    with pytest.raises(AssertionError, match="relative max error"):
+        bench.check_outputs(ours, {"eager": wrapped}, x, torch.randn_like(x))
