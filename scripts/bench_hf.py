@@ -96,7 +96,10 @@ def make_variant(base: torch.nn.Module, weights: tuple | None):
 
 def paired_ratio(times: list[float], ref: list[float]) -> tuple[float, float, float]:
     """Quartiles (25%, 50%, 75%) of the per-round ratios ``times[r] / ref[r]``."""
-    q1, q2, q3 = statistics.quantiles([t / r for t, r in zip(times, ref)], n=4)
+    ratios = [t / r for t, r in zip(times, ref, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q2, q3
 
 

@@ -182,9 +182,18 @@ def main() -> None:
     if args.worker:
         return worker(json.loads(args.worker), args.worker_out)
     stages = [int(s) for s in args.stages.split(",")]
+    setting = {"device": args.device, "ranks": args.ranks, "batch": args.batch, "seq": args.seq}
     done = {}
     if args.rows and args.rows.is_file():
-        done = {r["name"]: r for r in map(json.loads, args.rows.read_text().splitlines())}
+        for r in map(json.loads, args.rows.read_text().splitlines()):
+            if r.get("setting") != setting:
+                raise SystemExit(
+                    f"{args.rows} holds figures of another setting ({r.get('setting')}, not "
+                    f"{setting}): give another --rows file"
+                )
+            done[r["name"]] = r
+    if args.rows:
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.json"
@@ -197,7 +206,7 @@ def main() -> None:
             if name in done:
                 rows.append(done[name])
                 continue
-            row = {"name": name, "stage": stage, "ckpt": ckpt, "lora": lora}
+            row = {"name": name, "setting": setting, "stage": stage, "ckpt": ckpt, "lora": lora}
             row.update(run_one(spec, args.ranks, Path(tmp), name))
             rows.append(row)
             print(name, json.dumps(row), flush=True)

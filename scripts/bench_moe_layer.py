@@ -260,7 +260,7 @@ def run_rounds(variants: list[Variant], rounds: int, warmup: int, device: torch.
 
 def same_routing_rows(ours: MoELayer, x: torch.Tensor) -> torch.Tensor:
     """Tokens [T] whose top-k experts agree between router logits computed in ``x``'s dtype
-    (as transformers and DeepSpeed compute them) and in float32 (as moespec does).
+    (as transformers computes them) and in float32 (as moespec, DeepSpeed and MegaBlocks do).
 
     In bfloat16 a near-tie between two experts' scores can flip with the rounding of the
     logits, and a flipped expert changes that token's output and input gradient entirely:
@@ -275,15 +275,23 @@ def same_routing_rows(ours: MoELayer, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_outputs(
-    ours: MoELayer, others: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor
+    ours: MoELayer,
+    others: dict[str, nn.Module],
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    low_precision_router: bool = False,
 ) -> dict[str, float]:
-    """Max relative |Δ| of output and input gradient of each layer against ``ours``, over the
-    tokens routed alike in both (:func:`same_routing_rows`; all of them in float32 and
-    float64); raise if off, or if more than 2% of the tokens were routed differently."""
-    tol = 1e-3 if x.dtype == torch.float32 else (1e-9 if x.dtype == torch.float64 else 5e-2)
-    rows = same_routing_rows(ours, x)
-    if rows.float().mean().item() < 0.98:
-        raise AssertionError(f"{(~rows).sum().item()} of {len(rows)} tokens routed differently")
+    """Max relative |Δ| of output and input gradient of each layer against ``ours``; raise if
+    off. ``low_precision_router``: the layers compute their router logits in ``x``'s dtype, so
+    only the tokens routed alike are compared (:func:`same_routing_rows`; all of them in
+    float32 and float64), and more than 10% routed differently is refused."""
+    tol = 1e-3 if x.dtype == torch.float32 else (1e-9 if x.dtype == torch.float64 else 2e-2)
+    rows = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    if low_precision_router:
+        rows = same_routing_rows(ours, x)
+        if rows.float().mean().item() < 0.9:
+            raise AssertionError(f"{(~rows).sum().item()} of {len(rows)} tokens routed differently")
 
     def run(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         xi = x.detach().requires_grad_(True)
@@ -327,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     if flipped:
         notes.append(
             f"{flipped} of {args.tokens} tokens have other top-{args.top_k} experts with {args.dtype} "
-            "router logits than with float32 ones (near-ties); the output checks leave them out."
+            "router logits than with float32 ones (near-ties); the checks of transformers' layers, "
+            "which route in that dtype, leave them out."
         )
 
     # transformers: every experts implementation, keep those that run and match.
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
 
         wrapper = _Wrap(call, hf)
         try:
-            check_outputs(ours, {impl: wrapper}, x, grad_out)
+            check_outputs(ours, {impl: wrapper}, x, grad_out, low_precision_router=True)
         except Exception as exc:  # an implementation that needs other hardware or kernels
             notes.append(f"transformers `{impl}` skipped: {type(exc).__name__}: {str(exc)[:120]}")
             continue

@@ -42,16 +42,28 @@ def test_bf16_transformers_experts_pass_on_tokens_routed_alike(bench, impl):
     ours, hf, wrapped, x = _layers(bench, torch.bfloat16)
     hf.experts.config._experts_implementation = impl
     rows = bench.same_routing_rows(ours, x)
-    assert 0.98 <= rows.float().mean() < 1.0  # bf16 flips a few near-ties, not many
-    errs = bench.check_outputs(ours, {impl: wrapped}, x, torch.randn_like(x))
-    assert errs[impl] <= 5e-2
+    assert 0.9 <= rows.float().mean() < 1.0  # bf16 flips a few near-ties, not many
+    errs = bench.check_outputs(
+        ours, {impl: wrapped}, x, torch.randn_like(x), low_precision_router=True
+    )
+    assert errs[impl] <= 2e-2
 
 
 def test_float32_routes_every_token_alike_and_a_wrong_layer_fails(bench):
     ours, hf, wrapped, x = _layers(bench, torch.float32)
     assert bool(bench.same_routing_rows(ours, x).all())
-    bench.check_outputs(ours, {"eager": wrapped}, x, torch.randn_like(x))
+    bench.check_outputs(ours, {"eager": wrapped}, x, torch.randn_like(x), low_precision_router=True)
     with torch.no_grad():
         hf.experts.down_proj[3] *= 1.01  # one expert off by 1%
     with pytest.raises(AssertionError, match="relative max error"):
         bench.check_outputs(ours, {"eager": wrapped}, x, torch.randn_like(x))
+
+
+def test_bf16_a_wrong_expert_still_fails(bench):
+    ours, hf, wrapped, x = _layers(bench, torch.bfloat16)
+    with torch.no_grad():
+        hf.experts.down_proj[3] *= 1.05  # one expert off by 5%
+    with pytest.raises(AssertionError, match="relative max error"):
+        bench.check_outputs(
+            ours, {"eager": wrapped}, x, torch.randn_like(x), low_precision_router=True
+        )
