@@ -130,11 +130,10 @@ def deepspeed_estimate_gib(stage: int, params: int, largest: int, ranks: int) ->
 
 
 def run_one(spec: dict, ranks: int, tmp: Path, name: str) -> dict:
-    from moespec.train.launch import free_port
+    from moespec.train.launch import torchrun_launcher
 
     out = tmp / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-           "--master_port", str(free_port()), __file__,
+    cmd = [*torchrun_launcher(ranks), __file__,
            "--worker", json.dumps(spec), "--worker-out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)

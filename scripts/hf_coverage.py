@@ -373,7 +373,7 @@ def write_table(path: Path, table: str) -> None:
 
 def run_expert_parallel(rows: list[dict], timeout: float) -> None:
     """The ``ep`` column: one ``torchrun`` launch of 2 ranks over every family that attached."""
-    from moespec.train.launch import free_port
+    from moespec.train.launch import torchrun_launcher
 
     todo = [r for r in rows if r.get("attach")]
     if not todo:
@@ -381,9 +381,12 @@ def run_expert_parallel(rows: list[dict], timeout: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ep.json"
         families = ",".join(f"{r['family']}:{r['model_type']}" for r in todo)
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        cmd = [torchrun, f"--nproc_per_node={EP_RANKS}", f"--master_port={free_port()}"]
-        cmd += [str(ROOT / "scripts/hf_coverage_ep.py"), str(out), families]
+        cmd = [
+            *torchrun_launcher(EP_RANKS),
+            str(ROOT / "scripts/hf_coverage_ep.py"),
+            str(out),
+            families,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout, check=False, text=True,

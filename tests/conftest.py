@@ -39,7 +39,9 @@ def train_env(moespec_cache) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def torchrun2() -> list[str]:
     """``torchrun`` for 2 local ranks; ``--standalone`` binds its rendezvous port itself."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    from moespec.train.launch import torchrun_launcher
+
+    return torchrun_launcher(2)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,18 @@ def deepspeed_launcher(ranks: int, *, port: int | None = None) -> list[str]:
     ]  # fmt: skip
 
 
+def torchrun_launcher(ranks: int) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N`` for one machine, ready for a script path.
+
+    ``--standalone`` lets torchrun bind its rendezvous port itself, so two launches started at
+    once never race for a port picked beforehand.
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(ranks)]  # fmt: skip
+
+
 def unlink_shm_allreduce_buffer(rank: int) -> None:
     """Drop the name of this rank's DeepSpeed CPU allreduce buffer from ``/dev/shm``.
 
