@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch.utils.data import Dataset
 
 from moespec.paths import default_cache_dir
 from moespec.train import corpus
-from moespec.train.cache import content_hash, file_lock, publish_dir
+from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
 from moespec.train.packing import ExampleRows
 from moespec.train.sft import (
     FORMATS,
@@ -40,10 +39,10 @@ from moespec.train.sft import (
     template_fields,
 )
 from moespec.train.tokenizer import (
+    cached_bpe_tokenizer,
     eos_id,
     load_tokenizer,
     tokenizer_fingerprint,
-    train_bpe_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -425,19 +424,13 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
             split = split_documents(len(docs), cfg.val_fraction, cfg.seed)
         return docs, split
 
+    def train_texts() -> list[str]:
+        d, (train_idx, _) = get_docs(None)
+        log.info("training a %d-token BPE tokenizer on %d docs", cfg.vocab_size, len(d))
+        return d.select(train_idx)["text"]
+
     if tokenizer is None and cfg.tokenizer == "bpe":
-        tok_dir = cache / "tokenizers" / f"bpe-{content_hash([doc_key, cfg.vocab_size])}"
-        with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
-            if not (tok_dir / "tokenizer.json").is_file():
-                d, (train_idx, _) = get_docs(None)
-                log.info("training a %d-token BPE tokenizer on %d docs", cfg.vocab_size, len(d))
-                train_texts = d.select(train_idx)["text"]
-                tok = train_bpe_tokenizer(iter(train_texts), cfg.vocab_size)
-                tok_dir.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
-                tok.save_pretrained(str(tmp))
-                publish_dir(tmp, tok_dir)
-        tokenizer = load_tokenizer(str(tok_dir))
+        tokenizer = cached_bpe_tokenizer(cache, doc_key, cfg.vocab_size, train_texts)
     elif tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     eos_id(tokenizer)
@@ -451,8 +444,7 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
             tokens, doms, offsets = tokenize_documents(
                 d, tokenizer, domains, show_progress=rank == 0
             )
-            data_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
+            tmp = staging_dir(data_dir)
             for name, idx in (("train", train_idx), ("val", val_idx)):
                 t, dm = _gather(tokens, doms, offsets, idx)
                 np.save(tmp / f"{name}_tokens.npy", t)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moespec.paths import default_cache_dir
-from moespec.train.cache import content_hash, file_lock, publish_dir
+from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
 from moespec.train.data import (
     DataBundle,
     DataConfig,
@@ -31,10 +30,10 @@ from moespec.train.sft import (
     row_texts,
 )
 from moespec.train.tokenizer import (
+    cached_bpe_tokenizer,
     eos_id,
     load_tokenizer,
     tokenizer_fingerprint,
-    train_bpe_tokenizer,
 )
 
 if TYPE_CHECKING:
@@ -191,17 +190,13 @@ def _sft_tokenizer(
     """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows."""
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer)
-    tok_dir = cache / "tokenizers" / f"bpe-{content_hash([texts_key, cfg.vocab_size])}"
-    with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
-        if not (tok_dir / "tokenizer.json").is_file():
-            train_idx, _ = split()
-            log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
-            tok = train_bpe_tokenizer(_sft_texts(sources, train_idx), cfg.vocab_size)
-            tok_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=tok_dir.parent))
-            tok.save_pretrained(str(tmp))
-            publish_dir(tmp, tok_dir)
-    return load_tokenizer(str(tok_dir))
+
+    def train_texts() -> Iterator[str]:
+        train_idx, _ = split()
+        log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
+        return _sft_texts(sources, train_idx)
+
+    return cached_bpe_tokenizer(cache, texts_key, cfg.vocab_size, train_texts)
 
 
 def _write_sft_cache(
@@ -213,8 +208,7 @@ def _write_sft_cache(
     domains = sorted({d for d in doms if d is not None}) if cfg.domain_field else []
     index = {d: i for i, d in enumerate(domains)}
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=data_dir.parent))
+    tmp = staging_dir(data_dir)
     for name, idx in zip(("train", "val"), split):
         rows = idx.tolist()
         lengths = np.array([len(ids[i]) for i in rows], dtype=np.int64)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moespec.train.cache import content_hash
+from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -61,3 +61,17 @@ def eos_id(tokenizer: Any) -> int:
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one")
     return int(eos)
+
+
+def cached_bpe_tokenizer(
+    cache: Path, key: Any, vocab_size: int, texts: Callable[[], Iterable[str]]
+) -> PreTrainedTokenizerFast:
+    """The BPE tokenizer of ``key`` (what it is trained on) from ``cache``, trained on
+    ``texts()`` and published there first if no run has done so (one run at a time)."""
+    tok_dir = cache / "tokenizers" / f"bpe-{content_hash([key, vocab_size])}"
+    with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
+        if not (tok_dir / "tokenizer.json").is_file():
+            tmp = staging_dir(tok_dir)
+            train_bpe_tokenizer(iter(texts()), vocab_size).save_pretrained(str(tmp))
+            publish_dir(tmp, tok_dir)
+    return load_tokenizer(str(tok_dir))
