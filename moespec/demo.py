@@ -8,11 +8,14 @@ expert specialization report of both runs on the validation split (``<out>/repor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from .paths import torch_extensions_dir
 from .train.compare import load_run, markdown_table, plot_curves
@@ -48,6 +51,19 @@ def launch(loss: str, out_dir: Path, ranks: int, overrides: list[str]) -> Path:
     return run_dir
 
 
+def cost_line(base: dict[str, float], spec: dict[str, float], budget: float | None) -> str:
+    """What this one seed says of the price: validation loss and load balance against aux-only."""
+    vb, vs = base.get("val/loss", math.nan), spec.get("val/loss", math.nan)
+    change = (vs - vb) / vb if vb else math.nan
+    word = "lower" if change < 0 else "higher"
+    balance = spec.get("routing/relative_maxvio", math.nan)
+    return (
+        f"Validation loss {vs:.4g} against {vb:.4g} ({abs(change):.1%} {word}); MaxVio is "
+        f"{balance:.0%} of its largest possible value (loss.balance.max_maxvio={budget}). One seed: "
+        "docs/specialization.md gives the matrix over seeds and settings."
+    )
+
+
 def report(run_dirs: dict[str, Path]) -> str:
     """Side-by-side table of the two runs, a verdict on specialization and where to look next."""
     runs = [load_run(d) for d in run_dirs.values()]
@@ -62,6 +78,8 @@ def report(run_dirs: dict[str, Path]) -> str:
         verdict = f"Specialization partly rose: {what}, the other metric did not improve."
     else:
         verdict = "Specialization did not rise in this run (try more steps or other loss weights)."
+    spec_config = OmegaConf.load(list(run_dirs.values())[1] / ".hydra" / "config.yaml")
+    verdict += " " + cost_line(base, spec, spec_config.loss.balance.max_maxvio)
     out_dir = Path(os.path.commonpath(list(run_dirs.values())))
     curves = plot_curves(runs, list(run_dirs), out_dir / "comparison.png")
     lines += ["", verdict, "", f"metric curves of both runs: {curves}"]

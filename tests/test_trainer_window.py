@@ -70,7 +70,7 @@ def test_user_loss_from_the_command_line(run_train, read_metrics, tmp_path):
     first = run_train([*args, "trainer.stop_after=4"])
     assert first.returncode == 0, first.stderr[-4000:]
     log = (run_dir / "train.log").read_text()
-    raw = float(log.split("entropy=")[1].split("(raw ")[1].split(")")[0])
+    raw = float(log.split("entropy=")[1].split("(raw ")[1].split(";")[0])
     weight = 10.0 ** round(np.log10(1e-2 / raw))
     assert "\r" not in first.stderr and "step 4/8 loss=" in log  # no bar frames in a pipe
     resumed = run_train([*args, "trainer.resume=auto"])

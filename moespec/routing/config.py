@@ -44,6 +44,36 @@ class ZLossConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """The balance budget (``moespec.routing.balance``): ``max_maxvio`` is the largest MaxVio
+    a layer may reach, as a share of the most uneven load possible (E/k − 1), in (0, 1], or
+    ``None`` for no budget (the paper's rule as is). Above it, the losses that move routing
+    yield by ``exp(-rate)`` per optimizer step, down to ``min_yield``; a calibrated variance
+    weight is capped so that the aux loss outweighs it at that imbalance."""
+
+    max_maxvio: float | None = None
+    rate: float = 0.1
+    min_yield: float = 1e-3
+
+
+def validate_balance_config(cfg: BalanceConfig, prefix: str = "loss.balance") -> None:
+    """Raise ``ValueError`` naming the first invalid field of a ``BalanceConfig``."""
+    b = cfg.max_maxvio
+    if b is not None and not (
+        isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and 0 < b <= 1
+    ):
+        raise ValueError(
+            f"{prefix}.max_maxvio must be in (0, 1] (a share of the largest possible MaxVio, "
+            f"E/k - 1) or null for no budget, got {b!r}"
+        )
+    if not (isinstance(cfg.rate, int | float) and math.isfinite(cfg.rate) and cfg.rate > 0):
+        raise ValueError(f"{prefix}.rate must be a finite number > 0, got {cfg.rate!r}")
+    m = cfg.min_yield
+    if not (isinstance(m, int | float) and math.isfinite(m) and 0 < m <= 1):
+        raise ValueError(f"{prefix}.min_yield must be in (0, 1], got {m!r}")
+
+
+@dataclass
 class LossTermConfig:
     """A registered routing loss of the user's: weight (or ``"auto"``), target, options.
 
@@ -80,12 +110,14 @@ class LossConfig:
     The built-in losses have their own nodes (``aux``, ``orthogonality``, ``variance``, ``z``);
     losses registered with :func:`moespec.routing.losses.routing_loss` are switched on under
     ``terms.<name>``, after ``modules`` (Python modules or ``.py`` files) registered them.
+    ``balance`` is the budget of load imbalance the losses that move routing may cause.
     """
 
     aux: AuxLossConfig = field(default_factory=AuxLossConfig)
     orthogonality: OrthogonalityLossConfig = field(default_factory=OrthogonalityLossConfig)
     variance: VarianceLossConfig = field(default_factory=VarianceLossConfig)
     z: ZLossConfig = field(default_factory=ZLossConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     terms: dict[str, Any] = field(default_factory=dict)  # name -> LossTermConfig fields
     modules: list[str] = field(default_factory=list)
 
@@ -141,6 +173,7 @@ def validate_loss_config(cfg: LossConfig, prefix: str = "loss") -> None:
     from .losses import resolve_losses  # the loss table reads this module's configs
 
     resolve_losses(cfg, prefix)
+    validate_balance_config(cfg.balance, f"{prefix}.balance")
 
 
 def validate_router_config(cfg: RouterConfig, *, losses: bool = True) -> None:

@@ -259,6 +259,7 @@ class RoutingLoss:
     symbol: str = ""  # the paper's letter (docs and compare labels)
     validate: Callable[[Any, str], None] | None = None
     builtin: bool = False
+    yields: bool = False  # moves routing: yields to the balance budget (routing.balance)
 
     @property
     def reads_expert_outputs(self) -> bool:
@@ -301,7 +302,7 @@ _builtin(
     validate=_validate_orthogonality,
 )  # fmt: skip
 _builtin("variance", lambda i, n: variance_loss(i.scores), ("scores",), sign=-1.0,
-         calibrates=True, target=1e-3, logged_when_off=True, symbol="γ")  # fmt: skip
+         calibrates=True, target=1e-3, logged_when_off=True, symbol="γ", yields=True)  # fmt: skip
 _builtin("z", lambda i, n: z_loss(i.logits), ("logits",), symbol="ζ")
 
 
@@ -316,7 +317,8 @@ def routing_loss(
     """Register ``fn(**reads, **options) -> scalar`` as the routing loss ``name``.
 
     Switched on with ``loss.terms.<name>.weight`` (a number or ``auto``, calibrated to
-    ``target``); ``loss.terms.<name>.options`` become keyword arguments of ``fn``.
+    ``target``); ``loss.terms.<name>.options`` become keyword arguments of ``fn``. A loss that
+    reads ``scores`` or ``logits`` can move the load, so it yields to ``loss.balance``.
     """
     wanted = (reads,) if isinstance(reads, str) else tuple(reads)
     bad = [r for r in wanted if r not in READABLE]
@@ -334,6 +336,7 @@ def routing_loss(
         LOSSES[name] = RoutingLoss(
             name, compute, frozenset(wanted), node=f"terms.{name}",
             sign=-1.0 if maximise else 1.0, calibrates=True, target=target, symbol=symbol,
+            yields=bool({"scores", "logits"} & set(wanted)),
         )  # fmt: skip
         return fn
 

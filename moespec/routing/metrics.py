@@ -31,6 +31,27 @@ def max_violation(counts: torch.Tensor) -> float:
     return float((counts.float() - mean).abs().max() / mean) if mean > 0 else 0.0
 
 
+def max_possible_maxvio(num_experts: int, top_k: int) -> float:
+    """MaxVio when k experts take every token: ``E/k − 1`` (0 when k = E)."""
+    return num_experts / top_k - 1.0
+
+
+def relative_load_metrics(counts: torch.Tensor, top_k: int) -> dict[str, float]:
+    """The load measured against its extremes, so that it reads the same for any E and k:
+    ``relative_maxvio`` = MaxVio / (E/k − 1) (1 when k experts take every token) and
+    ``relative_load_entropy`` = (H(load) − log k) / (log E − log k) (1 uniform, 0 collapsed)."""
+    e = counts.numel()
+    if top_k >= e or counts.sum() <= 0:
+        return {"relative_maxvio": 0.0, "relative_load_entropy": 1.0}
+    worst = max_possible_maxvio(e, top_k)
+    h = load_entropy(counts) * math.log(e)  # nats
+    floor, top = math.log(top_k), math.log(e)
+    return {
+        "relative_maxvio": max_violation(counts) / worst,
+        "relative_load_entropy": (h - floor) / (top - floor),
+    }
+
+
 def dead_experts(counts: torch.Tensor) -> int:
     """Number of experts that received no token in the window."""
     return int((counts == 0).sum())
@@ -238,8 +259,9 @@ class RoutingStats:
     (``stats.window.add(...)``), which are logged as they are reduced.
     """
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, top_k: int | None = None) -> None:
         self.num_experts = num_experts
+        self.top_k = top_k  # known: relative_maxvio and relative_load_entropy are logged too
         self.window = MetricWindow()
 
     def reset(self) -> None:
@@ -335,6 +357,8 @@ class RoutingStats:
             "load_entropy": load_entropy(counts),
             "token_overlap": 0.0,
         }
+        if self.top_k is not None:
+            out.update(relative_load_metrics(counts, self.top_k))
         if (co := self.window.get("cooccurrence")) is not None:
             out["token_overlap"] = token_set_jaccard(co)
         domain = self.domain_counts
@@ -347,28 +371,50 @@ class RoutingStats:
 
 
 class CollapseMonitor:
-    """Warns when an expert stays dead or MaxVio stays above a bound for several windows."""
+    """Warns when an expert stays dead, or a layer's load stays collapsed, for several windows.
 
-    def __init__(self, patience: int = 3, maxvio_bound: float = 1.0) -> None:
+    Collapsed means ``relative_maxvio`` at or above ``max_relative_maxvio`` and
+    ``relative_load_entropy`` at or below ``min_relative_entropy``: both measured against the
+    most uneven load possible (k experts taking every token), so the thresholds mean the same
+    for any E and k. Both are needed: with E = 2k one starved expert alone reaches the largest
+    MaxVio, while the load entropy stays high until few experts take nearly every token.
+    """
+
+    def __init__(
+        self,
+        patience: int = 3,
+        max_relative_maxvio: float = 0.75,
+        min_relative_entropy: float = 0.25,
+    ) -> None:
         self.patience = patience
-        self.maxvio_bound = maxvio_bound
+        self.max_relative_maxvio = max_relative_maxvio
+        self.min_relative_entropy = min_relative_entropy
         self._dead: dict[int, int] = {}
         self._hot: dict[int, int] = {}
+
+    def _collapsed(self, m: dict[str, float]) -> bool:
+        return (
+            m.get("relative_maxvio", 0.0) >= self.max_relative_maxvio
+            and m.get("relative_load_entropy", 1.0) <= self.min_relative_entropy
+        )
 
     def update(self, per_layer: list[dict[str, float]]) -> list[str]:
         """Feed one window's per-layer metrics; returns the alarms raised by this window."""
         alarms = []
         for i, m in enumerate(per_layer):
             self._dead[i] = self._dead.get(i, 0) + 1 if m.get("dead_experts", 0) > 0 else 0
-            self._hot[i] = self._hot.get(i, 0) + 1 if m.get("maxvio", 0) > self.maxvio_bound else 0
+            self._hot[i] = self._hot.get(i, 0) + 1 if self._collapsed(m) else 0
             if self._dead[i] == self.patience:
                 alarms.append(
                     f"layer {i}: {int(m['dead_experts'])} expert(s) dead for {self.patience} windows"
                 )
             if self._hot[i] == self.patience:
                 alarms.append(
-                    f"layer {i}: MaxVio {m['maxvio']:.2f} > {self.maxvio_bound} for "
-                    f"{self.patience} windows (routing collapse?)"
+                    f"layer {i}: routing collapse for {self.patience} windows: MaxVio "
+                    f"{m.get('maxvio', 0.0):.2f} is {m.get('relative_maxvio', 0.0):.0%} of the "
+                    f"largest possible (alarm at {self.max_relative_maxvio:.0%}) and the load entropy "
+                    f"is {m.get('relative_load_entropy', 1.0):.0%} of the way from collapsed to "
+                    f"uniform (alarm at {self.min_relative_entropy:.0%})"
                 )
         return alarms
 

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .config import AUTO, RouterConfig, validate_router_config
+from .balance import (
+    BalanceBudget,
+    budget_state,
+    restore_budgets,
+    steer_budgets,
+    variance_weight_cap,
+)
+from .config import AUTO, BalanceConfig, RouterConfig, validate_router_config
 from .metrics import RoutingStats
 
 
@@ -159,7 +166,9 @@ class Router(nn.Module):
         self.layer_index = layer_index
         self.losses = L.resolve_losses(config.loss)
         self.loss_weights = LossWeights(self.losses)
-        self.stats = RoutingStats(config.num_experts)
+        balance = getattr(config.loss, "balance", None) or BalanceConfig()
+        self.balance = BalanceBudget(config.num_experts, config.top_k, balance)
+        self.stats = RoutingStats(config.num_experts, config.top_k)
         self.token_context: TokenContext | None = None
         self.track_stats = True
         self.raw_losses: dict[str, torch.Tensor] = {}
@@ -241,8 +250,10 @@ class Router(nn.Module):
             for a in self.losses
             if not a.entry.reads_expert_outputs and (a.entry.logged_when_off or w.is_on(a.name))
         }
-        if self.track_stats:
+        if self.track_stats:  # off while a checkpointed forward is recomputed
             self.stats.update(inputs.scores.detach(), inputs.idx.detach(), dom)
+            if self.training and self.balance.enabled:
+                self.balance.observe(inputs.idx)
 
     def wants_expert_outputs(self) -> bool:
         """True when a loss that is on reads the raw expert outputs (training only)."""
@@ -305,6 +316,14 @@ class Router(nn.Module):
         err = counts.mean() - counts
         self.score_correction_bias += self.config.bias_update_rate * err.sign()
 
+    def coefficient(self, name: str) -> float:
+        """How the raw value of ``name`` enters the total: ``sign × weight``, times this layer's
+        balance yield for a loss that moves routing."""
+        coef = self.loss_weights.coefficient(name)
+        if self.balance.enabled and self.loss_weights.losses[name].entry.yields:
+            coef *= self.balance.factor
+        return coef
+
     def extra_repr(self) -> str:
         c = self.config
         return f"hidden={self.hidden_size}, experts={c.num_experts}, top_k={c.top_k}, score={c.score_func}"
@@ -339,6 +358,21 @@ def step_score_biases(model: nn.Module) -> None:
         r.step_score_bias()
 
 
+def steer_balance(model: nn.Module) -> None:
+    """After an optimizer step: steer every layer's balance yield (one collective)."""
+    steer_budgets([r.balance for r in iter_routers(model)])
+
+
+def balance_state(model: nn.Module) -> dict[str, object]:
+    """The balance budget and every layer's yield, for the trainer state of a checkpoint."""
+    return budget_state([r.balance for r in iter_routers(model)])
+
+
+def restore_balance(model: nn.Module, state: dict[str, object] | None) -> None:
+    """Continue the yields of :func:`balance_state`; ``ValueError`` when they do not match."""
+    restore_budgets([r.balance for r in iter_routers(model)], state)
+
+
 def set_token_context(model: nn.Module, context: TokenContext | None) -> None:
     """Give every router the per-token labels of the coming forward (or clear them)."""
     for r in iter_routers(model):
@@ -355,6 +389,11 @@ class CollectedLosses:
     weights: dict[str, float] = field(default_factory=dict)
     calibrated: dict[str, float] | None = None  # {name: weight} chosen by this forward
     calibration_raw: dict[str, float] = field(default_factory=dict)  # {name: raw value}
+    calibration_capped: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: {name: Σ_layers coefficient × raw}: what each loss adds to the total (signed)
+    contributions: dict[str, float] = field(default_factory=dict)
+    in_force: dict[str, float] = field(default_factory=dict)  # weights × yield, layer mean
+    yields: list[float] = field(default_factory=list)  # per layer; empty without a budget
 
 
 def calibrate_weight(raw_value: float, target: float, name: str = "the loss") -> float:
@@ -382,12 +421,25 @@ def _mean_across_ranks(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def calibrate(routers: list[Router]) -> tuple[dict[str, float], dict[str, float]] | None:
+def capped_weight(router: Router, name: str, weight: float) -> float:
+    """A calibrated ``weight`` of ``name`` under the balance budget's cap (variance only, and
+    only with load balancing on: :func:`~moespec.routing.balance.variance_weight_cap`)."""
+    aux = router.loss_weights.value("aux")
+    if name != "variance" or not router.balance.enabled or not aux > 0:
+        return weight
+    cap = variance_weight_cap(aux, router.balance.budget, router.num_experts, router.top_k)
+    return min(weight, cap)
+
+
+def calibrate(
+    routers: list[Router],
+) -> tuple[dict[str, float], dict[str, float], dict[str, tuple[float, float]]] | None:
     """Set ``"auto"`` weights from the current raw losses (mean over layers and ranks).
 
     Calibrates only from a batch where every such router computed the loss on every rank (a
     training forward); after an eval forward the weight stays uncalibrated until the next one.
-    Returns ``({name: weight}, {name: raw value})`` or ``None`` when nothing was set.
+    A budget caps the variance weight (:func:`capped_weight`). Returns ``({name: weight},
+    {name: raw value}, {name: (paper rule, cap)})`` or ``None`` when nothing was set.
     """
     todo = [r for r in routers if r.loss_weights.needs_calibration()]
     if not todo or not all(r.training for r in todo):  # the first *training* batch calibrates
@@ -398,21 +450,24 @@ def calibrate(routers: list[Router]) -> tuple[dict[str, float], dict[str, float]
         vals = [float(r.raw_losses[name].detach()) for r in todo if name in r.raw_losses]
         found += [sum(vals) / len(vals) if vals else 0.0, float(len(vals) == len(todo))]
     found = _mean_across_ranks(found)
-    chosen, raw = {}, {}
+    chosen, raw, capped = {}, {}, {}
     for i, name in enumerate(names):
         mean, complete = found[2 * i], found[2 * i + 1]
         if complete != 1.0:
             continue
         active = todo[0].loss_weights.losses[name]
         key = f"loss.{active.entry.node}.weight"
-        chosen[name] = calibrate_weight(mean, active.target, key)
+        paper = calibrate_weight(mean, active.target, key)
+        chosen[name] = min(capped_weight(r, name, paper) for r in todo)
         raw[name] = mean
+        if chosen[name] < paper:
+            capped[name] = (paper, chosen[name])
     if not chosen:
         return None
     for r in todo:
         for name, value in chosen.items():
             r.loss_weights.set(name, value)
-    return chosen, raw
+    return chosen, raw, capped
 
 
 def restore_loss_weights(
@@ -438,13 +493,19 @@ def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> C
     total: torch.Tensor | None = None
     per_layer = []
     sums: dict[str, float] = {}
+    contributions: dict[str, float] = {}
+    in_force: dict[str, float] = {}
     for r in routers:
         layer_vals = {}
         for name, value in r.raw_losses.items():
             layer_vals[name] = float(value.detach())
             sums[name] = sums.get(name, 0.0) + layer_vals[name]
-            coef = r.loss_weights.coefficient(name)
-            if coef != 0 and math.isfinite(coef) and value.requires_grad:
+            coef = r.coefficient(name)
+            if not math.isfinite(coef):
+                continue  # not calibrated yet
+            in_force[name] = in_force.get(name, 0.0) + abs(coef)
+            contributions[name] = contributions.get(name, 0.0) + coef * layer_vals[name]
+            if coef != 0 and value.requires_grad:
                 term = coef * value
                 total = term if total is None else total + term
         per_layer.append(layer_vals)
@@ -459,6 +520,10 @@ def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> C
         weights=routers[0].loss_weights.as_dict() if routers else {},
         calibrated=calibration[0] if calibration else None,
         calibration_raw=calibration[1] if calibration else {},
+        calibration_capped=calibration[2] if calibration else {},
+        contributions=contributions,
+        in_force={k: v / n for k, v in in_force.items()},
+        yields=[r.balance.factor for r in routers if r.balance.enabled],
     )
 
 

@@ -42,8 +42,10 @@ TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("routing/domain_mi", "domain MI (normalised)", "higher"),
     ("routing/variance", "routing variance", "higher"),
     ("routing/maxvio", "MaxVio (load imbalance)", None),
+    ("routing/relative_maxvio", "MaxVio / largest possible", None),
     ("routing/load_cv", "load CV", None),
     ("routing/dead_experts", "dead experts", None),
+    ("balance/yield", "balance yield (1 = not yielding)", None),
 )
 #: The routing of the validation batches (logged with ``val/loss``).
 VAL_ROUTING_METRICS: tuple[tuple[str, str, str | None], ...] = (

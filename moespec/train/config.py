@@ -106,6 +106,8 @@ class TrainerConfig:
     resume: str = "none"
     stop_after: int = 0
     collapse_patience: int = 3
+    collapse_maxvio: float = 0.75  # alarm: relative MaxVio (of E/k - 1) at or above
+    collapse_entropy: float = 0.25  # ... and relative load entropy at or below
     progress: bool = True
     nonfinite: str = "error"
     max_skipped_steps: int = 10
@@ -127,6 +129,16 @@ class TrainerConfig:
             low = minimum.get(name, 1)
             if getattr(self, name) < low:
                 raise ValueError(f"trainer.{name} must be >= {low}, got {getattr(self, name)}")
+        if not (isinstance(self.collapse_maxvio, int | float) and 0 < self.collapse_maxvio <= 1):
+            raise ValueError(
+                "trainer.collapse_maxvio must be in (0, 1] (a share of the largest possible "
+                f"MaxVio, E/k - 1), got {self.collapse_maxvio!r}"
+            )
+        if not (isinstance(self.collapse_entropy, int | float) and 0 <= self.collapse_entropy < 1):
+            raise ValueError(
+                "trainer.collapse_entropy must be in [0, 1) (0: collapsed load, 1: uniform), "
+                f"got {self.collapse_entropy!r}"
+            )
         parse_signals(list(self.preempt_signals))
         if self.nonfinite not in ("error", "skip"):
             raise ValueError(f"trainer.nonfinite={self.nonfinite!r}; valid: error, skip")

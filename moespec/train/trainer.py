@@ -35,6 +35,7 @@ from ..routing import (
     step_score_biases,
     validate_loss_config,
 )
+from ..routing.router import restore_balance, steer_balance
 from . import checkpoint as ckpt
 from . import faults, safe_load
 from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
@@ -225,6 +226,8 @@ class Trainer:
     step (``step``, ``is_log_step``, ``metrics``, ``window``) from here.
     """
 
+    weights_shown = False  # the loss weights are logged once, at the first step of a process
+
     def __init__(
         self, cfg: TrainConfig, run_dir: Path, engine: Any, model: nn.Module, data: DataBundle,
         scheduler: Any, rank: int, world: int, callbacks: list[Callback],
@@ -294,8 +297,10 @@ class Trainer:
         set_token_context(self.model, token_context(batch, self.device))
         out = self.engine(ids, labels, **inputs)
         routed = collect_router_losses(self.model)
-        if routed.calibrated and self.rank == 0:
-            log.info("calibrated loss weights: %s", _calibration_text(routed))
+        if (routed.calibrated or not self.weights_shown) and self.rank == 0:
+            head = "calibrated loss weights" if routed.calibrated else "loss weights"
+            log.info("%s at step %d: %s", head, self.step, _weights_text(routed, out.lm_loss))
+        self.weights_shown = True
         share = self.cfg.deepspeed.gradient_accumulation_steps * self.world / step_tokens
         scale = trained * share if step_tokens > 0 else 0.0
         lm_term = out.loss if scale == 1.0 else out.lm_loss * scale + (out.model_aux_loss or 0)
@@ -336,6 +341,7 @@ class Trainer:
         for micro in micros:
             self._call("on_micro_batch", micro)
         step_score_biases(self.model)
+        steer_balance(self.model)
 
     def _skipped(self, skipped_before: int) -> None:
         """Account for an optimizer step skipped by the guard (``trainer.nonfinite=skip``)."""
@@ -427,11 +433,24 @@ def token_context(batch: dict[str, torch.Tensor], device: torch.device) -> Token
     )
 
 
-def _calibration_text(routed: Any) -> str:
-    return ", ".join(
-        f"{name}={w:.4g} (raw {routed.calibration_raw.get(name, math.nan):.4g})"
-        for name, w in (routed.calibrated or {}).items()
-    )
+def _weights_text(routed: Any, lm_loss: torch.Tensor) -> str:
+    """``name=weight (raw r, s% of the LM loss)`` per weighted loss, saying which weights were
+    calibrated by this batch and which the balance budget capped."""
+    lm = float(lm_loss.detach())
+    calibrated = routed.calibrated or {}
+    parts = []
+    for name, weight in routed.in_force.items():
+        if weight == 0:
+            continue
+        raw = routed.calibration_raw.get(name, routed.means.get(name, math.nan))
+        share = abs(routed.contributions.get(name, math.nan)) / lm if lm > 0 else math.nan
+        text = f"{name}={weight:.4g} (raw {raw:.4g}; {100 * share:.3g}% of the LM loss"
+        text += "; calibrated" if name in calibrated else ""
+        if name in routed.calibration_capped:
+            paper, _ = routed.calibration_capped[name]
+            text += f"; the paper's rule gave {paper:.4g}, capped by loss.balance"
+        parts.append(text + ")")
+    return ", ".join(parts) or "no routing loss is weighted"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -483,6 +502,10 @@ def _resume(trainer: Trainer, resume_from: Path) -> None:
     trainer.batches.load_state_dict(state["sampler"])
     trainer.guard.load_state_dict(state.get("guard", {}))
     changed = restore_loss_weights(trainer.model, state.get("weights"))
+    try:
+        restore_balance(trainer.model, state.get("balance"))
+    except ValueError as err:
+        raise TrainingError(f"{err} (checkpoint {resume_from})") from None
     trainer.load_callback_states(state["rank"])
     routers = iter_routers(trainer.model)
     trainer.loss_weights = routers[0].loss_weights.as_dict() if routers else {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ...routing.router import balance_state
 from .. import checkpoint as ckpt
 from .base import Callback
 
@@ -40,6 +41,7 @@ class Checkpointing(Callback):
             "step": trainer.step,
             "sampler": trainer.batches.state_dict(),
             "weights": trainer.loss_weights,
+            "balance": balance_state(trainer.model),
             "guard": trainer.guard.state_dict(),
         }
         ckpt.save_checkpoint(

@@ -1,4 +1,4 @@
-"""The collapse alarm: an expert dead, or MaxVio above 1, for several windows in a row."""
+"""The collapse alarm: an expert dead, or a layer's load collapsed, for several windows in a row."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class CollapseAlarm(Callback):
 
     def _monitor(self, trainer: Trainer) -> CollapseMonitor:
         if self.monitor is None:
-            self.monitor = CollapseMonitor(patience=trainer.cfg.trainer.collapse_patience)
+            tc = trainer.cfg.trainer
+            self.monitor = CollapseMonitor(
+                tc.collapse_patience, tc.collapse_maxvio, tc.collapse_entropy
+            )
         return self.monitor
 
     def on_step_end(self, trainer: Trainer) -> None:

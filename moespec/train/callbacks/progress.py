@@ -19,7 +19,8 @@ SHORT = {"orthogonality": "orth", "variance": "var"}
 
 
 def progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
-    """The figures shown with the progress: total loss, each routing loss, MaxVio."""
+    """The figures shown with the progress: total loss, each routing loss, MaxVio, each weighted
+    loss in percent of the LM loss, and the balance yield while it is below 1."""
     fields = {"loss": f"{metrics.get('train/loss', float('nan')):.3f}"}
     for key, value in metrics.items():
         if key.startswith("loss/"):
@@ -27,6 +28,12 @@ def progress_fields(metrics: dict[str, Any]) -> dict[str, str]:
             fields[SHORT.get(name, name)] = f"{value:.4g}"
     if "routing/maxvio" in metrics:
         fields["maxvio"] = f"{metrics['routing/maxvio']:.2f}"
+    for key, value in metrics.items():
+        if key.startswith("loss_share/"):
+            name = key.split("/", 1)[1]
+            fields[f"{SHORT.get(name, name)}%lm"] = f"{100 * value:.2g}"
+    if metrics.get("balance/yield", 1.0) < 1.0:
+        fields["yield"] = f"{metrics['balance/yield']:.3g}"
     return fields
 
 

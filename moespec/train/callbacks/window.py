@@ -54,7 +54,9 @@ def layer_losses(values: dict[str, Any]) -> dict[str, float]:
 
 class LoggingWindow(Callback):
     """Every ``trainer.log_every`` steps: train loss, routing losses (per layer and their mean
-    over layers), loss weights, routing statistics and throughput of the window."""
+    over layers), loss weights in force (``weights/<name>``, with the balance yield), each
+    weighted loss relative to the LM loss (``loss_share/<name>``), the balance yields, routing
+    statistics and throughput of the window."""
 
     name = "window"
 
@@ -62,6 +64,8 @@ class LoggingWindow(Callback):
         self.window = MetricWindow()
         self.seconds = 0.0
         self.tokens = 0
+        self.in_force: dict[str, float] = {}  # loss weights × yields at the last micro-batch
+        self.yields: list[float] = []
 
     def on_micro_batch(self, trainer: Trainer, micro: MicroBatch) -> None:
         self.window.add("train/loss", micro.loss)
@@ -69,6 +73,11 @@ class LoggingWindow(Callback):
         for i, layer in enumerate(micro.routed.per_layer):
             for name, value in layer.items():
                 self.window.add(f"layer{i}/loss/{name}", value)
+        if micro.lm_loss > 0:
+            for name, value in micro.routed.contributions.items():
+                if micro.routed.in_force.get(name, 0.0) > 0:
+                    self.window.add(f"loss_share/{name}", abs(value) / micro.lm_loss)
+        self.in_force, self.yields = micro.routed.in_force, micro.routed.yields
         self.tokens += micro.tokens
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -84,7 +93,13 @@ class LoggingWindow(Callback):
         trainer.metrics["train/tokens_per_s"] = (
             self.tokens * trainer.world / max(self.seconds, 1e-9)
         )
-        trainer.metrics.update({f"weights/{k}": v for k, v in trainer.loss_weights.items()})
+        weights = {**trainer.loss_weights, **self.in_force}
+        trainer.metrics.update({f"weights/{k}": v for k, v in weights.items()})
+        if self.yields:
+            trainer.metrics["balance/yield"] = float(np.mean(self.yields))
+            trainer.metrics.update(
+                {f"layer{i}/balance/yield": y for i, y in enumerate(self.yields)}
+            )
         trainer.metrics.update(routing_metrics(trainer.window.per_layer, trainer.window.reductions))
         self.window.reset()
         self.seconds, self.tokens = 0.0, 0
