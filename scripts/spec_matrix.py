@@ -95,7 +95,7 @@ ROWS = [
         "SmolLM2-135M-Instruct upcycled to 4 experts top-2 (near-copies), chat SFT",
         [
             "experiment=sft_smollm2",
-            "eval=none",
+            "~eval.sets.synth",
             "data.source=DATA/chat/train.jsonl",
             "data.seq_len=128",
             "trainer.max_steps=60",
@@ -183,7 +183,7 @@ def run_row(row: Row, out: Path, seeds: int | None, jobs: int) -> Result:
     n = seeds if seeds is not None and row.seeds > 1 else row.seeds  # long rows: one seed
     plan = [(loss, s, out / row.name / f"{loss}_s{s}") for s in range(n) for loss in LOSSES]
     parallel = 1 if row.ranks > 1 else jobs
-    threads = max(1, (os.cpu_count() or 2) // parallel)
+    threads = max(1, (os.cpu_count() or 2) // (parallel * row.ranks))
     with ThreadPoolExecutor(parallel) as pool:
         futures = [
             pool.submit(train, command(row, loss, s, d, data), d, threads) for loss, s, d in plan
