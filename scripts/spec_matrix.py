@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import write_section  # noqa: E402
+
 from moespec.routing.metrics import CollapseMonitor  # noqa: E402
 from moespec.train.compare import Run, load_run  # noqa: E402
 from moespec.train.config import TrainerConfig  # noqa: E402
@@ -357,7 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if args.docs:
         write_docs(body)
-        print(f"wrote {DOC}")
+        done = [r for r in results if not r.skipped]
+        met = sum(not row_figures(r)["misses"] for r in done)
+        write_section(
+            "spec_matrix",
+            f"loss=specialization against loss=aux_only: {met} of {len(done)} settings meet "
+            "every goal. The table, its goals and what each setting is: "
+            "[specialization.md](specialization.md#the-matrix-one-default-across-settings).",
+        )
+        print(f"wrote {DOC} and docs/benchmarks.md")
     return 0
 
 
