@@ -219,9 +219,44 @@ def load_data_file(path: Path, hf_cache: Path) -> datasets.Dataset:
         return ds
     builder = DATA_EXTENSIONS[path.suffix.lower()]
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if builder == "text" else {}
-    return datasets.load_dataset(
-        builder, data_files=[str(path)], split="train", cache_dir=str(hf_cache), **kwargs
-    )
+    if not _has_content(path):
+        raise ValueError(f"{path}: the file is empty (no rows); give data.source a file with rows")
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(path)], split="train", cache_dir=str(hf_cache), **kwargs
+        )
+    except Exception as err:  # datasets wraps the parser's error in a long traceback
+        raise ValueError(unreadable_file_message(path, builder, err)) from None
+
+
+def _has_content(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds anything but whitespace (read until the first such byte)."""
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def unreadable_file_message(path: Path, builder: str, err: Exception) -> str:
+    """One line saying why ``path`` could not be read: the first malformed JSON line (1-based)
+    of a JSON Lines file, else the loader's own first line."""
+    if builder == "json" and path.suffix.lower() in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return (
+                        f"{path}:{number}: not a JSON object ({bad.msg}); fix or remove that line"
+                    )
+                if not isinstance(row, dict):
+                    return f"{path}:{number}: a JSON Lines row must be an object, got {type(row).__name__}"
+    cause = err.__cause__ or err
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return f"{path}: could not be read as {builder} ({type(cause).__name__}: {first})"
 
 
 def load_documents(cfg: DataConfig, chat_tokenizer: Any = None) -> datasets.Dataset:
