@@ -28,3 +28,20 @@ def test_bad_jsonl_is_one_line(run_train, tmp_path, content, expect):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"error: {data}{expect}" or last.startswith(f"error: {data}{expect}"), last
+
+
+@pytest.mark.multiproc
+def test_a_validation_split_without_a_batch_stops_before_step_one(run_train, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    rows = [
+        f'{{"text": "row {i}: ' + "the quick brown fox " * 8 + '", "domain": "a"}'
+        for i in range(60)
+    ]
+    data.write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    args = [*SMOKE, f"data.source={data}", "data.val_fraction=0.02", f"hydra.run.dir={run_dir}"]
+    proc = run_train(args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the validation split has" in last and "data.val_fraction (now 0.02)" in last, last
+    assert not (run_dir / "metrics.jsonl").exists()  # no step was trained

@@ -595,6 +595,12 @@ def _train(
             f"only {len(data.train)} training sequences for {world} rank(s) × micro batch {micro}; "
             "lower deepspeed.micro_batch_size or data.seq_len"
         )
+    if len(data.val) < micro * world:
+        raise TrainingError(
+            f"the validation split has {len(data.val)} sequence(s), fewer than one batch of "
+            f"{world} rank(s) × micro batch {micro} for evaluation; raise data.val_fraction "
+            f"(now {cfg.data.val_fraction}), or lower deepspeed.micro_batch_size or data.seq_len"
+        )
     trainer = Trainer(
         cfg, run_dir, engine, model, data, scheduler, rank, world,
         default_callbacks() + list(callbacks or []), preemption,
