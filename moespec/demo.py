@@ -55,7 +55,7 @@ def cost_line(base: dict[str, float], spec: dict[str, float], budget: float | No
     """What this one seed says of the price: validation loss and load balance against aux-only."""
     vb, vs = base.get("val/loss", math.nan), spec.get("val/loss", math.nan)
     change = (vs - vb) / vb if vb else math.nan
-    word = "lower" if change < 0 else "higher"
+    word = "lower" if change < 0 else "higher" if change > 0 else "the same"
     balance = spec.get("routing/relative_maxvio", math.nan)
     return (
         f"Validation loss {vs:.4g} against {vb:.4g} ({abs(change):.1%} {word}); MaxVio is "

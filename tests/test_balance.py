@@ -224,3 +224,23 @@ def test_router_without_budget_never_yields():
     r(torch.randn(16, 8))
     assert not r.balance.enabled and r.balance.counts is None
     restore_budgets([r.balance], None)  # nothing stored: nothing to do
+
+
+def test_a_restored_weight_above_the_cap_is_capped():
+    """A checkpoint from before the cap (or trained with a larger α) resumes under the cap."""
+    model = _model(budget=0.5)
+    for r in iter_routers(model):
+        r.loss_weights.set("variance", 1.0)  # as the paper's rule left it
+    lowered = restore_balance(model, None)
+    cap = variance_weight_cap(0.01, 0.5, 4, 2)
+    assert lowered == {"variance": (1.0, pytest.approx(cap))}
+    assert all(r.loss_weights.value("variance") == pytest.approx(cap) for r in iter_routers(model))
+    assert restore_balance(model, None) == {}  # already within the cap
+
+
+def test_relative_maxvio_stays_within_one_when_k_is_over_half_of_e():
+    dead = torch.tensor([10.0, 10.0, 10.0, 10.0, 10.0, 0.0])  # E = 6, k = 4: E/k - 1 = 0.5
+    assert relative_load_metrics(dead, 4)["relative_maxvio"] == pytest.approx(1.0)
+    assert not BalanceBudget(
+        4, 4, BalanceConfig(max_maxvio=0.5)
+    ).enabled  # k = E: nothing to balance

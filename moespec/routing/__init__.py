@@ -25,6 +25,7 @@ from .router import (
     iter_routers,
     restore_loss_weights,
     set_token_context,
+    steer_balance,
     step_score_biases,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "restore_loss_weights",
     "routing_loss",
     "set_token_context",
+    "steer_balance",
     "step_score_biases",
     "validate_loss_config",
     "validate_router_config",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .metrics import max_possible_maxvio, relative_load_metrics
+from .metrics import relative_load_metrics
 
 #: Decay of the moving average of the slot counts the yield is steered by (about ten steps).
 COUNT_DECAY = 0.9
@@ -36,7 +36,7 @@ COUNT_DECAY = 0.9
 def variance_weight_cap(aux_weight: float, budget: float, num_experts: int, top_k: int) -> float:
     """The largest γ whose strongest pull the aux loss (weight α) outweighs at the budget's
     imbalance: ``α · b · E · (E/k − 1) / 2`` (see the module docstring)."""
-    return aux_weight * budget * num_experts * max_possible_maxvio(num_experts, top_k) / 2.0
+    return aux_weight * budget * num_experts * (num_experts / top_k - 1.0) / 2.0
 
 
 class BalanceBudget:
@@ -54,7 +54,8 @@ class BalanceBudget:
 
     @property
     def enabled(self) -> bool:
-        return self.budget is not None
+        """A budget is set and there is a load to balance (k < E)."""
+        return self.budget is not None and self.top_k < self.num_experts
 
     @property
     def factor(self) -> float:
@@ -65,7 +66,9 @@ class BalanceBudget:
     def observe(self, idx: torch.Tensor) -> None:
         """Count the experts of one training forward's real tokens ``idx`` [T,k] (on their
         device: nothing waits for the accelerator until the step's :func:`steer_budgets`)."""
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        flat = idx.reshape(-1)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=idx.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # no host sync, unlike bincount
         self.counts = counts if self.counts is None else self.counts + counts
 
     def steer(self, counts: torch.Tensor) -> None:
@@ -96,10 +99,10 @@ def steer_budgets(budgets: list[BalanceBudget]) -> None:
         if b.counts is None else b.counts.to(device, torch.float64)
         for b in active
     ]  # fmt: skip
-    flat = torch.stack(rows)
+    flat = torch.cat(rows)  # layers may differ in their number of experts
     if distributed:
         dist.all_reduce(flat)
-    flat = flat.cpu()
+    flat = flat.cpu().split([b.num_experts for b in active])
     for budget, counts in zip(active, flat):
         budget.counts = None
         if counts.sum() > 0:

@@ -32,8 +32,11 @@ def max_violation(counts: torch.Tensor) -> float:
 
 
 def max_possible_maxvio(num_experts: int, top_k: int) -> float:
-    """MaxVio when k experts take every token: ``E/k − 1`` (0 when k = E)."""
-    return num_experts / top_k - 1.0
+    """The largest MaxVio: ``E/k − 1`` when k experts take every token, or 1 for a dead expert
+    when that is more (E < 2k); 0 when k = E (every expert takes every token)."""
+    if top_k >= num_experts:
+        return 0.0
+    return max(num_experts / top_k - 1.0, 1.0)
 
 
 def relative_load_metrics(counts: torch.Tensor, top_k: int) -> dict[str, float]:

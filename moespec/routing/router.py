@@ -368,9 +368,23 @@ def balance_state(model: nn.Module) -> dict[str, object]:
     return budget_state([r.balance for r in iter_routers(model)])
 
 
-def restore_balance(model: nn.Module, state: dict[str, object] | None) -> None:
-    """Continue the yields of :func:`balance_state`; ``ValueError`` when they do not match."""
-    restore_budgets([r.balance for r in iter_routers(model)], state)
+def restore_balance(
+    model: nn.Module, state: dict[str, object] | None
+) -> dict[str, tuple[float, float]]:
+    """Continue the yields of :func:`balance_state` (``ValueError`` when they do not match) and
+    cap calibrated weights restored from a checkpoint that predates the cap or another α.
+    Returns ``{name: (restored, capped)}`` for the weights the cap lowered."""
+    routers = iter_routers(model)
+    restore_budgets([r.balance for r in routers], state)
+    lowered: dict[str, tuple[float, float]] = {}
+    for r in routers:
+        for name in r.loss_weights.auto:
+            was = r.loss_weights.value(name)
+            now = capped_weight(r, name, was)
+            if now < was:
+                r.loss_weights.set(name, now)
+                lowered[name] = (was, now)
+    return lowered
 
 
 def set_token_context(model: nn.Module, context: TokenContext | None) -> None:
@@ -425,7 +439,7 @@ def capped_weight(router: Router, name: str, weight: float) -> float:
     """A calibrated ``weight`` of ``name`` under the balance budget's cap (variance only, and
     only with load balancing on: :func:`~moespec.routing.balance.variance_weight_cap`)."""
     aux = router.loss_weights.value("aux")
-    if name != "variance" or not router.balance.enabled or not aux > 0:
+    if name != "variance" or not router.balance.enabled or not aux > 0 or math.isnan(weight):
         return weight
     cap = variance_weight_cap(aux, router.balance.budget, router.num_experts, router.top_k)
     return min(weight, cap)
@@ -525,6 +539,12 @@ def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> C
         in_force={k: v / n for k, v in in_force.items()},
         yields=[r.balance.factor for r in routers if r.balance.enabled],
     )
+
+
+def drop_balance_counts(model: nn.Module) -> None:
+    """Forget the expert counts of a step that was not applied (a skipped optimizer step)."""
+    for r in iter_routers(model):
+        r.balance.counts = None
 
 
 def clear_router_losses(model: nn.Module) -> None:

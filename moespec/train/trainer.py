@@ -35,7 +35,7 @@ from ..routing import (
     step_score_biases,
     validate_loss_config,
 )
-from ..routing.router import restore_balance, steer_balance
+from ..routing.router import drop_balance_counts, restore_balance, steer_balance
 from . import checkpoint as ckpt
 from . import faults, safe_load
 from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
@@ -345,6 +345,7 @@ class Trainer:
 
     def _skipped(self, skipped_before: int) -> None:
         """Account for an optimizer step skipped by the guard (``trainer.nonfinite=skip``)."""
+        drop_balance_counts(self.model)  # the balance steers on applied steps only
         if self.engine.skipped_steps == skipped_before:
             raise TrainingError(
                 f"step {self.step}: the optimizer applied a step with non-finite gradients; "
@@ -503,7 +504,7 @@ def _resume(trainer: Trainer, resume_from: Path) -> None:
     trainer.guard.load_state_dict(state.get("guard", {}))
     changed = restore_loss_weights(trainer.model, state.get("weights"))
     try:
-        restore_balance(trainer.model, state.get("balance"))
+        capped = restore_balance(trainer.model, state.get("balance"))
     except ValueError as err:
         raise TrainingError(f"{err} (checkpoint {resume_from})") from None
     trainer.load_callback_states(state["rank"])
@@ -513,6 +514,13 @@ def _resume(trainer: Trainer, resume_from: Path) -> None:
         log.info("resumed from %s (step %d)", resume_from, trainer.start_step)
         for name, (loaded, now) in changed.items():
             log.info("loss weight %s: %.4g in the checkpoint, %.4g now", name, loaded, now)
+        for name, (loaded, now) in capped.items():
+            log.info(
+                "loss weight %s: %.4g in the checkpoint, capped to %.4g by loss.balance",
+                name,
+                loaded,
+                now,
+            )
 
 
 def _open_logger(trainer: Trainer, resumed: bool) -> None:
