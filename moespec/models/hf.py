@@ -273,11 +273,13 @@ def load_hf_model(
     name_or_path: str | os.PathLike | None = None,
     config_path: str | os.PathLike | None = None,
     dtype: torch.dtype | str = torch.float32,
+    config_overrides: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """A causal LM from a local directory (``from_pretrained``) or a local config (random init).
 
-    ``config_path`` is a ``config.json`` file or a directory holding one.
+    ``config_path`` is a ``config.json`` file or a directory holding one; ``config_overrides``
+    set keys of the model's config before it is built (each must exist in the config).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -293,7 +295,8 @@ def load_hf_model(
                 f"model directory {str(path)!r} does not exist or is not a directory; expected "
                 f"a local directory written by save_pretrained (or pass config_path=)"
             )
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        config = _overridden(AutoConfig.from_pretrained(path), config_overrides)
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
     cpath = Path(config_path).expanduser()  # type: ignore[arg-type]
     if cpath.is_dir():
         cpath = cpath / "config.json"
@@ -302,8 +305,20 @@ def load_hf_model(
             f"config file {str(cpath)!r} does not exist; expected a config.json file or a "
             f"directory holding one"
         )
-    config = AutoConfig.from_pretrained(cpath)
+    config = _overridden(AutoConfig.from_pretrained(cpath), config_overrides)
     return AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+
+
+def _overridden(config: Any, overrides: dict[str, Any] | None) -> Any:
+    """``config`` with ``overrides`` set; ``ValueError`` naming a key the config does not have."""
+    for key, value in (overrides or {}).items():
+        if key not in config.to_dict():
+            raise ValueError(
+                f"model.overrides.{key}: {type(config).__name__} has no key {key!r}; its keys: "
+                f"{', '.join(sorted(config.to_dict()))}"
+            )
+        setattr(config, key, value)
+    return config
 
 
 def save_hf_model(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -> Path:

@@ -101,6 +101,66 @@ def check_model_source(cfg: Any) -> None:
             )
     if config is not None and not resolve_model_path(config).exists():
         raise ValueError(f"model.config={config!r} does not exist (a config.json or its directory)")
+    if cfg.model.overrides:
+        if _is_smollm2(cfg):
+            raise ValueError(
+                f"model.overrides does not apply to {SMOLLM2!r} (a dense model); its experts are "
+                "set by model.upcycle_experts and model.upcycle_top_k"
+            )
+        known = model_config_keys(cfg)
+        for key in cfg.model.overrides:
+            if key not in known:
+                raise ValueError(
+                    f"model.overrides.{key}: the model's config has no key {key!r}; its keys: "
+                    f"{', '.join(sorted(known))}"
+                )
+
+
+#: moe.* keys moespec's own MoE layer reads and a Hugging Face model does not (its config
+#: sets them), with the usual names of the model's own keys.
+HF_UNUSED_MOE_KEYS = {
+    "moe.num_experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "moe.top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
+    "moe.ffn_size": ("moe_intermediate_size", "intermediate_size"),
+    "moe.shared_expert_size": ("shared_expert_intermediate_size", "n_shared_experts"),
+    "moe.score_func": ("scoring_func",),
+    "moe.normalize_topk": ("norm_topk_prob",),
+    "moe.jitter": ("router_jitter_noise",),
+    "moe.score_bias": (),
+}
+
+
+def model_config_keys(cfg: Any) -> set[str]:
+    """The keys of the recipe's HF model config (read from its config.json, nothing built)."""
+    import json
+
+    source = cfg.model.config if cfg.model.config is not None else cfg.model.name_or_path
+    path = resolve_model_path(source)
+    path = path / "config.json" if path.is_dir() else path
+    return set(json.loads(path.read_text())) if path.is_file() else set()
+
+
+def refuse_unused_moe_keys(cfg: Any, overrides: list[str]) -> None:
+    """A ``moe.*`` key given on the command line that a Hugging Face model ignores is an error
+    naming the model's own key to override instead (``+model.overrides.KEY=VALUE``)."""
+    if cfg.model.type != "hf":
+        return
+    for item in overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key not in HF_UNUSED_MOE_KEYS:
+            continue
+        value = item.split("=", 1)[1] if "=" in item else "VALUE"
+        if _is_smollm2(cfg):
+            hint = "model.upcycle_experts and model.upcycle_top_k set the upcycled experts"
+        else:
+            known = model_config_keys(cfg)
+            names = [n for n in HF_UNUSED_MOE_KEYS[key] if n in known]
+            hint = (
+                f"override the model's own config instead: +model.overrides.{names[0]}={value}"
+                if names
+                else "the model's config sets it (see model.overrides)"
+            )
+        raise ValueError(f"{key} does not apply to model.type=hf; {hint}")
 
 
 def hf_tokenizer_dir(cfg: Any) -> str | None:
@@ -276,9 +336,14 @@ def _load(cfg: Any) -> nn.Module:
             "model.type=hf needs model.name_or_path (a local checkpoint directory or "
             f"{SMOLLM2!r}) or model.config (a local config.json)"
         )
+    extra = dict(m.overrides or {})
     if m.name_or_path is not None:
-        return load_hf_model(resolve_model_path(m.name_or_path), dtype=dtype)
-    return load_hf_model(config_path=resolve_model_path(m.config), dtype=dtype)
+        return load_hf_model(
+            resolve_model_path(m.name_or_path), dtype=dtype, config_overrides=extra
+        )
+    return load_hf_model(
+        config_path=resolve_model_path(m.config), dtype=dtype, config_overrides=extra
+    )
 
 
 def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:

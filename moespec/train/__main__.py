@@ -85,6 +85,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     )
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
+        if typed.model.type == "hf":
+            from ..models.hf_train import refuse_unused_moe_keys
+
+            refuse_unused_moe_keys(typed, list(HydraConfig.get().overrides.task))
         summary = train(typed, run_dir)
     except Preempted as stop:
         raise SystemExit(stop.code) from None
@@ -122,6 +126,10 @@ def check_recipe(overrides: list[str]) -> None:
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         validate_recipe(typed)
+        if typed.model.type == "hf":
+            from ..models.hf_train import refuse_unused_moe_keys
+
+            refuse_unused_moe_keys(typed, overrides)
     except (TrainingError, ValueError, FileNotFoundError) as err:
         fail(err)
     print("ok: the recipe composes and passes its checks")

@@ -50,6 +50,8 @@ class ModelConfig:
     upcycle_experts: int = 0
     upcycle_top_k: int = 2
     upcycle_noise: float = 0.0
+    #: Keys of the HF model's own config set before it is built (``+model.overrides.KEY=V``).
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
