@@ -433,3 +433,16 @@ def test_lm_loss_excludes_the_models_own_aux_loss():
     torch.testing.assert_close(out.model_aux_loss, model_aux)
     torch.testing.assert_close(out.loss, ce + model_aux)
     torch.testing.assert_close(lm_output(out.logits, ids).loss, ce)
+
+
+def test_resume_logs_changed_weights_and_a_fresh_auto_start(run_train, tmp_path):
+    """HF routers keep no module state: a weight changed on resume is still reported, and
+    trainer.resume=auto in a directory without checkpoints says it starts at step 0."""
+    run_dir = tmp_path / "resume"
+    args = [*FAST, "experiment=qwen3_moe_tiny", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
+    first = run_train([*args, "trainer.stop_after=2", "trainer.resume=auto"])
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "trainer.resume=auto: no checkpoint in" in first.stderr + first.stdout
+    resumed = run_train([*args, "trainer.resume=auto", "loss.aux.weight=0.02"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "loss weight aux: 0.01 in the checkpoint, 0.02 now" in resumed.stderr + resumed.stdout

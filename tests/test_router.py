@@ -175,8 +175,12 @@ def test_restore_after_checkpoint_load_config_wins_for_fixed_weights():
     assert changed == {"aux": (0.01, 0.0), "orthogonality": (0.5, 0.25)}
     # A router kept out of the module state (Hugging Face probes): auto weights from the record.
     bare = Router(8, RouterConfig(num_experts=4, loss=new_loss))
-    restore_loss_weights(bare, {"aux": 0.01, "orthogonality": 0.5, "variance": 0.1, "z": 0.0})
+    changed = restore_loss_weights(
+        bare, {"aux": 0.01, "orthogonality": 0.5, "variance": 0.1, "z": 0.0}
+    )
     assert bare.loss_weights.as_dict() == want
+    # ... and the changed fixed weights are reported from the record as well.
+    assert changed == {"aux": (0.01, 0.0), "orthogonality": (0.5, 0.25)}
 
 
 def test_checkpoint_of_the_greek_buffer_names_still_loads():

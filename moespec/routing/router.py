@@ -122,9 +122,14 @@ class LossWeights(nn.Module):
                 if math.isnan(loaded) and math.isfinite(kept):
                     self.set(name, float(kept))  # restored, not changed
                 continue
+            # The trainer state's record says what the run trained with, also for routers that
+            # keep no module state (Hugging Face models), whose buffers start at the config.
+            was = record.get(name, loaded)
+            was = loaded if not isinstance(was, int | float) or math.isnan(was) else float(was)
             if value != loaded:
                 self.set(name, value)
-                changed[name] = (loaded, value)
+            if value != was:
+                changed[name] = (was, value)
         return changed
 
     def as_dict(self) -> dict[str, float]:

@@ -618,6 +618,10 @@ def _train(
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, trainer.ckpt_root)
     if resume_from is not None:
         _resume(trainer, resume_from)
+    elif cfg.trainer.resume == "auto" and rank == 0:
+        log.info(
+            "trainer.resume=auto: no checkpoint in %s yet; starting at step 0", trainer.ckpt_root
+        )
     done = run_dir / "summary.json"
     if trainer.start_step >= trainer.total_steps and done.is_file():
         if rank == 0:
