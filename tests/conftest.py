@@ -104,3 +104,28 @@ def trace_routing():
                 h.remove()
 
     return trace
+
+
+@contextlib.contextmanager
+def script_module(name: str):
+    """``scripts/<name>.py`` imported as a module (its sibling ``benchlib`` importable), then
+    forgotten again."""
+    import importlib.util
+
+    scripts = str(ROOT / "scripts")
+    sys.path.insert(0, scripts)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(scripts)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``with load_script(name) as module:`` a script of ``scripts/`` as a module."""
+    return script_module

@@ -4,8 +4,6 @@ moespec's layer on the tokens both route alike, and a wrong layer is still refus
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its sibling benchlib
-    spec = importlib.util.spec_from_file_location(
-        "bench_moe_layer", ROOT / "scripts" / "bench_moe_layer.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name)
-    sys.path.remove(str(ROOT / "scripts"))
+def bench(load_script):
+    with load_script("bench_moe_layer") as module:
+        yield module
 
 
 def _layers(bench, dtype: torch.dtype):

@@ -3,9 +3,7 @@ one that misses says which, on run directories written like a training run's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def matrix():
-    sys.path.insert(0, str(ROOT / "scripts"))  # the script imports its sibling benchlib
-    spec = importlib.util.spec_from_file_location(
-        "spec_matrix", ROOT / "scripts" / "spec_matrix.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name)
-    sys.path.remove(str(ROOT / "scripts"))
+def matrix(load_script):
+    with load_script("spec_matrix") as module:
+        yield module
 
 
 def _run(path: Path, val: float, overlap: float, rel_maxvio: float, collapsed: bool = False):
