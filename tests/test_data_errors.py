@@ -45,3 +45,28 @@ def test_a_validation_split_without_a_batch_stops_before_step_one(run_train, tmp
     last = proc.stderr.strip().splitlines()[-1]
     assert "the validation split has" in last and "data.val_fraction (now 0.02)" in last, last
     assert not (run_dir / "metrics.jsonl").exists()  # no step was trained
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", ["malformed", "small_val"])
+def test_check_reads_the_data_files(train_env, tmp_path, case):
+    """``moespec-train --check`` finds what the run would stop on, before anything trains."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "rows.jsonl"
+    if case == "malformed":
+        data.write_text('{"text": "one"}\n{"text": "broken\n')
+        expect, extra = ":2: not a JSON object", []
+    else:
+        line = '{"text": "' + "the quick brown fox " * 8 + '", "domain": "a"}'
+        data.write_text("\n".join([line] * 60) + "\n")
+        expect, extra = "the validation split has", ["data.val_fraction=0.02"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "moespec.train", "--check", *SMOKE, f"data.source={data}", *extra],
+        env=train_env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
+    assert expect in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]

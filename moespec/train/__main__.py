@@ -115,13 +115,15 @@ def _destroy_process_group() -> None:
 
 
 def check_recipe(overrides: list[str]) -> None:
-    """Compose the recipe and run every check that needs no data or model; exit 2 on a fault."""
+    """Compose the recipe, run every check that needs no model, and read the recipe's own data
+    files as the run will (cached for it); exit 2 on a fault. Split sizes are checked for
+    ``WORLD_SIZE`` ranks (1 unless set)."""
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
         fail(f"--check takes overrides only, not {' '.join(flags)}")
     cfg = check_overrides(overrides, recipes_dir(), "train")
     from .config import TrainConfig
-    from .trainer import TrainingError, validate_recipe
+    from .trainer import TrainingError, check_run_data, validate_recipe
 
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
@@ -130,6 +132,7 @@ def check_recipe(overrides: list[str]) -> None:
             from ..models.hf_train import refuse_unused_moe_keys
 
             refuse_unused_moe_keys(typed, overrides)
+        check_run_data(typed, int(os.environ.get("WORLD_SIZE", "1")))
     except (TrainingError, ValueError, FileNotFoundError) as err:
         fail(err)
     print("ok: the recipe composes and passes its checks")

@@ -457,6 +457,36 @@ def _weights_text(routed: Any, lm_loss: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------- setup
 
 
+def check_data_sizes(cfg: TrainConfig, data: DataBundle, world: int) -> None:
+    """Both splits hold at least one global batch (``TrainingError`` naming what to change)."""
+    micro = cfg.deepspeed.micro_batch_size
+    if len(data.train) < micro * world:
+        raise TrainingError(
+            f"only {len(data.train)} training sequences for {world} rank(s) × micro batch {micro}; "
+            "lower deepspeed.micro_batch_size or data.seq_len"
+        )
+    if len(data.val) < micro * world:
+        raise TrainingError(
+            f"the validation split has {len(data.val)} sequence(s), fewer than one batch of "
+            f"{world} rank(s) × micro batch {micro} for evaluation; raise data.val_fraction "
+            f"(now {cfg.data.val_fraction}), or lower deepspeed.micro_batch_size or data.seq_len"
+        )
+
+
+def check_run_data(cfg: TrainConfig, world: int) -> None:
+    """``--check``: read, tokenize, split and pack the recipe's own data files as the run will
+    (into the same cache, so the run reuses the work) and check the split sizes. The embedded
+    corpus is not read here."""
+    if cfg.data.source == "embedded":
+        return
+    hf_tok = None
+    if cfg.model.type == "hf":
+        from ..models.hf_train import hf_data_tokenizer
+
+        hf_tok = hf_data_tokenizer(cfg)
+    check_data_sizes(cfg, build_data(cfg.data, rank=0, tokenizer=hf_tok), world)
+
+
 def build_run_data(cfg: TrainConfig, rank: int) -> DataBundle:
     """Rank 0 builds the data cache, the others read it after the barrier."""
     hf_tok = None
@@ -597,18 +627,7 @@ def _train(
     engine, model, scheduler = build_engine(cfg, len(data.tokenizer))
     safe_load.install(engine)
     faults.point("setup")
-    micro = cfg.deepspeed.micro_batch_size
-    if len(data.train) < micro * world:
-        raise TrainingError(
-            f"only {len(data.train)} training sequences for {world} rank(s) × micro batch {micro}; "
-            "lower deepspeed.micro_batch_size or data.seq_len"
-        )
-    if len(data.val) < micro * world:
-        raise TrainingError(
-            f"the validation split has {len(data.val)} sequence(s), fewer than one batch of "
-            f"{world} rank(s) × micro batch {micro} for evaluation; raise data.val_fraction "
-            f"(now {cfg.data.val_fraction}), or lower deepspeed.micro_batch_size or data.seq_len"
-        )
+    check_data_sizes(cfg, data, world)
     trainer = Trainer(
         cfg, run_dir, engine, model, data, scheduler, rank, world,
         default_callbacks() + list(callbacks or []), preemption,
