@@ -77,7 +77,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from .checkpoint import CheckpointSaveError
     from .config import TrainConfig
     from .preempt import Preempted
-    from .trainer import TrainingError, train
+    from .trainer import TrainingError, refuse_ignored_keys, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     logging.basicConfig(
@@ -85,10 +85,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     )
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
-        if typed.model.type == "hf":
-            from ..models.hf_train import refuse_unused_moe_keys
-
-            refuse_unused_moe_keys(typed, list(HydraConfig.get().overrides.task))
+        refuse_ignored_keys(typed, list(HydraConfig.get().overrides.task))
         summary = train(typed, run_dir)
     except Preempted as stop:
         raise SystemExit(stop.code) from None
@@ -123,15 +120,12 @@ def check_recipe(overrides: list[str]) -> None:
         fail(f"--check takes overrides only, not {' '.join(flags)}")
     cfg = check_overrides(overrides, recipes_dir(), "train")
     from .config import TrainConfig
-    from .trainer import TrainingError, check_run_data, validate_recipe
+    from .trainer import TrainingError, check_run_data, refuse_ignored_keys, validate_recipe
 
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         validate_recipe(typed)
-        if typed.model.type == "hf":
-            from ..models.hf_train import refuse_unused_moe_keys
-
-            refuse_unused_moe_keys(typed, overrides)
+        refuse_ignored_keys(typed, overrides)
         check_run_data(typed, int(os.environ.get("WORLD_SIZE", "1")))
     except (TrainingError, ValueError, FileNotFoundError) as err:
         fail(err)

@@ -127,6 +127,14 @@ def validate_recipe(cfg: TrainConfig) -> None:
         raise TrainingError(f"model.type={cfg.model.type!r}; valid: tiny, hf")
 
 
+def refuse_ignored_keys(cfg: TrainConfig, overrides: list[str]) -> None:
+    """Command-line keys the recipe's model would ignore are an error naming the key to use."""
+    if cfg.model.type == "hf":
+        from ..models.hf_train import refuse_unused_moe_keys
+
+        refuse_unused_moe_keys(cfg, overrides)
+
+
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The model of ``cfg.model`` with the MoE backend and losses of ``cfg`` (activation
     checkpointing on with ``trainer.activation_checkpointing``)."""
@@ -479,21 +487,21 @@ def check_run_data(cfg: TrainConfig, world: int) -> None:
     corpus is not read here."""
     if cfg.data.source == "embedded":
         return
-    hf_tok = None
-    if cfg.model.type == "hf":
-        from ..models.hf_train import hf_data_tokenizer
+    check_data_sizes(cfg, build_data(cfg.data, rank=0, tokenizer=data_tokenizer(cfg)), world)
 
-        hf_tok = hf_data_tokenizer(cfg)
-    check_data_sizes(cfg, build_data(cfg.data, rank=0, tokenizer=hf_tok), world)
+
+def data_tokenizer(cfg: TrainConfig) -> Any:
+    """The HF model's own tokenizer when its directory has one, else ``None`` (the data's own)."""
+    if cfg.model.type != "hf":
+        return None
+    from ..models.hf_train import hf_data_tokenizer
+
+    return hf_data_tokenizer(cfg)
 
 
 def build_run_data(cfg: TrainConfig, rank: int) -> DataBundle:
     """Rank 0 builds the data cache, the others read it after the barrier."""
-    hf_tok = None
-    if cfg.model.type == "hf":  # the HF model's own tokenizer, when its directory has one
-        from ..models.hf_train import hf_data_tokenizer
-
-        hf_tok = hf_data_tokenizer(cfg)
+    hf_tok = data_tokenizer(cfg)
     data = build_data(cfg.data, rank=0, tokenizer=hf_tok) if rank == 0 else None
     dist.barrier()
     return data if data is not None else build_data(cfg.data, rank=rank, tokenizer=hf_tok)
