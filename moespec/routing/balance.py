@@ -48,7 +48,6 @@ class BalanceBudget:
         self.rate = float(config.rate)
         self.min_yield = float(config.min_yield)
         self.log_yield = 0.0  # log of the factor: the steering is additive in log space
-        self.last_relative_maxvio = 0.0
         self.counts: torch.Tensor | None = None  # [E] slots routed since the last step
         self.average: torch.Tensor | None = None  # [E] moving average of the step counts
 
@@ -76,9 +75,8 @@ class BalanceBudget:
         share = counts.double() / counts.sum()
         avg = self.average
         self.average = share if avg is None else COUNT_DECAY * avg + (1 - COUNT_DECAY) * share
-        metrics = relative_load_metrics(self.average, self.top_k)
-        self.last_relative_maxvio = metrics["relative_maxvio"]
-        direction = 1.0 if self.last_relative_maxvio > self.budget else -1.0
+        over = relative_load_metrics(self.average, self.top_k)["relative_maxvio"] > self.budget
+        direction = 1.0 if over else -1.0
         low = math.log(self.min_yield)
         self.log_yield = min(0.0, max(low, self.log_yield - direction * self.rate))
 

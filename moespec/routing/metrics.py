@@ -41,7 +41,8 @@ def max_possible_maxvio(num_experts: int, top_k: int) -> float:
 
 def relative_load_metrics(counts: torch.Tensor, top_k: int) -> dict[str, float]:
     """The load measured against its extremes, so that it reads the same for any E and k:
-    ``relative_maxvio`` = MaxVio / (E/k − 1) (1 when k experts take every token) and
+    ``relative_maxvio`` = MaxVio / :func:`max_possible_maxvio` (1 when k experts take every
+    token, for E ≥ 2k) and
     ``relative_load_entropy`` = (H(load) − log k) / (log E − log k) (1 uniform, 0 collapsed)."""
     e = counts.numel()
     if top_k >= e or counts.sum() <= 0:
