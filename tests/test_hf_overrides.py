@@ -60,3 +60,14 @@ def test_a_run_trains_the_overridden_model_and_records_it(run_train, read_metric
     assert exported["num_experts_per_tok"] == 1
     row = [r for r in read_metrics(run_dir) if "routing/output_overlap" in r][-1]
     assert row["routing/output_overlap"] == 0.0  # one expert per token: nothing to overlap
+
+
+def test_check_accepts_every_key_the_build_accepts(train_env):
+    """A key of the config class that its config.json leaves out is still a key to override."""
+    assert "output_hidden_states" not in json.loads(TINY.read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "moespec.train", "--check", "experiment=qwen3_moe_tiny",
+         "+model.overrides.output_hidden_states=false"],
+        env=train_env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]

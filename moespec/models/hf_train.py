@@ -131,13 +131,15 @@ HF_UNUSED_MOE_KEYS = {
 
 
 def model_config_keys(cfg: Any) -> set[str]:
-    """The keys of the recipe's HF model config (read from its config.json, nothing built)."""
-    import json
+    """The keys of the recipe's HF model config, as transformers reads it (nothing built): the
+    keys the build accepts in ``model.overrides``, defaults of the config class included."""
+    from transformers import AutoConfig
 
     source = cfg.model.config if cfg.model.config is not None else cfg.model.name_or_path
     path = resolve_model_path(source)
-    path = path / "config.json" if path.is_dir() else path
-    return set(json.loads(path.read_text())) if path.is_file() else set()
+    if not path.exists():
+        return set()
+    return set(AutoConfig.from_pretrained(path).to_dict())
 
 
 def refuse_unused_moe_keys(cfg: Any, overrides: list[str]) -> None:
