@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -9,6 +11,20 @@ from typing import Any, NoReturn
 #: Hydra flags under which the overrides are still checked before the run (a sweep is checked
 #: with the first value of each swept key).
 _CHECKED_FLAGS = ("-m", "--multirun")
+
+
+def prepare_environment() -> None:
+    """Before DeepSpeed is imported: its JIT ops cached in moespec's build or cache directory,
+    no accelerator guess when the machine has no GPU (it warns on every command) and no
+    compiler probe lines (DeepSpeed checks for libaio, logged at INFO)."""
+    import torch
+
+    from .paths import torch_extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
 def fail(error: BaseException | str) -> NoReturn:

@@ -382,20 +382,25 @@ def test_errors_are_one_line(train_env, tmp_path):
         assert len(lines) == 1 and cases[name][1] in lines[0], (name, err[-3000:])
 
 
-def test_vocab_smaller_than_tokenizer_is_an_error():
+def test_random_init_vocab_follows_the_tokenizer():
+    """A model from a config embeds the data tokenizer's vocabulary; a vocabulary fixed by
+    model.overrides (or a pretrained model's) smaller than the tokenizer is an error."""
     from moespec.models.hf_train import build_hf_model
     from moespec.train.config import TrainConfig
 
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(TrainConfig),
-            {"model": {"type": "hf", "config": "model/configs/mixtral_tiny.json"}},
+    def cfg(**model):
+        base = {"type": "hf", "config": "model/configs/mixtral_tiny.json", **model}
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(TrainConfig), {"model": base})
         )
-    )
+
+    built = build_hf_model(cfg(), vocab_size=1500)
+    assert built.hf_model.get_input_embeddings().weight.shape[0] == 1500
+    assert built.hf_model.config.vocab_size == 1500
     with pytest.raises(
         ValueError, match="tokenizer has 4096 tokens but MixtralForCausalLM embeds 1024"
     ):
-        build_hf_model(cfg, vocab_size=4096)
+        build_hf_model(cfg(overrides={"vocab_size": 1024}), vocab_size=4096)
 
 
 def test_lm_loss_excludes_the_models_own_aux_loss():

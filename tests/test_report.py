@@ -238,6 +238,33 @@ def test_unlabelled_data_runs_without_the_domain_figures(smoke_run, tmp_path, mo
     assert "no domain labels" in (out / "report.html").read_text()
 
 
+def test_chat_and_prompt_completion_rows_are_documents(tmp_path):
+    """Rows of the SFT formats are read: chat rendered with the chat template, a prompt and
+    its completion joined; each document then ends with EOS, as plain text does."""
+    from moespec.report.data import parse_sources, text_batches
+    from moespec.train.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(iter(["what is two plus three it is five"] * 5), 300, chat=True)
+    chat = [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "five"}]
+    rows = [
+        {"messages": chat, "domain": "math"},
+        {"prompt": "what is ", "completion": "three", "domain": "words"},
+        {"text": "plus five", "domain": "math"},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [tok.apply_chat_template(chat, tokenize=False), "what is three", "plus five"]
+    expected, doms = [], []
+    for text, dom in zip(texts, [0, 1, 0]):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        expected += ids
+        doms += [dom] * len(ids)
+    (batch,) = text_batches(parse_sources([str(path)]), tok, ["math", "words"], 512, 4)
+    n = int(batch["attention_mask"].sum())
+    assert batch["input_ids"][0, :n].tolist() == expected
+    assert batch["domain_ids"][0, :n].tolist() == doms
+
+
 def _fails(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stop:
         main(args)
@@ -257,7 +284,7 @@ def test_bad_input_is_one_error_line(smoke_run, tmp_path, capsys, monkeypatch_mo
     assert "holds no document" in _fails([str(smoke_run), "--data", str(blank)], capsys)
     no_text = tmp_path / "rows.jsonl"
     no_text.write_text('{"domain": "x"}\n')
-    assert "rows.jsonl:1: no string field 'text'" in _fails(
+    assert "rows.jsonl:1: no string field 'text', list of 'messages' or" in _fails(
         [str(smoke_run), "--data", str(no_text)], capsys
     )
     assert "no such directory" in _fails([str(tmp_path / "nope"), "--data", str(no_text)], capsys)

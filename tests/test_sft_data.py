@@ -228,6 +228,34 @@ def test_chat_masks_smollm2_template(tmp_path):
     check_rows(chat, [reference(tok, chatml_segments(msgs, system))])
 
 
+@pytest.mark.parametrize("fmt", ["chat", "auto"])
+def test_chat_with_trained_bpe_tokenizer(tmp_path, fmt):
+    """data.tokenizer=bpe on chat rows trains a BPE with the ChatML tokens and template."""
+    convs = conversations()
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
+    bundle = build_data(cfg(tmp_path, src, format=fmt, vocab_size=400), tokenizer=None)
+    tok = bundle.tokenizer
+    assert tok.eos_token == "<|im_end|>"
+    for special in ("<|im_start|>", "<|im_end|>"):
+        assert tok.tokenize(special) == [special]
+    segs = [
+        [
+            seg
+            for m in c
+            for seg in (
+                [(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False)]
+                if m["role"] != "assistant"
+                else [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True)]
+                + [("\n", False)]
+            )
+        ]
+        for c in convs
+    ]
+    check_rows(bundle, [reference(tok, s) for s in segs])
+    prompt = tok.apply_chat_template(convs[0][:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
 def test_prompt_completion_masks(tmp_path, base_tok):
     tok = make_tok(base_tok)
     eos = tok.eos_token_id
@@ -566,9 +594,9 @@ def test_bad_input_errors(tmp_path, base_tok):
     )
     fails(
         [ok],
-        "data.format=chat needs a tokenizer with a chat template, and data.tokenizer=bpe",
-        tokenizer=None,
-        **chat,
+        r"data.format=auto \(the data is read as chat\) needs a tokenizer with a chat template",
+        tokenizer=plain_tok,
+        format="auto",
     )
     fails(
         [ok],

@@ -154,7 +154,34 @@ def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) 
         first = m.index(1) if 1 in m else len(m)
         prompts.append(x[:first])
         refs.append(tokenizer.decode(x[first:], skip_special_tokens=True))
-    return EvalSet(name, cfg, list(zip(ids, trained)), doms, prompts, refs)
+    es = EvalSet(name, cfg, list(zip(ids, trained)), doms, prompts, refs)
+    if "generate" in cfg.metrics:
+        check_references(es)
+    return es
+
+
+def check_references(es: EvalSet) -> None:
+    """Every reference yields an answer by its extraction, else one ``ValueError`` naming the
+    first that does not and the extractions that read every reference (before any decoding)."""
+    for i, (ref, domain) in enumerate(zip(es.references, es.domains)):
+        method, kw = extraction_for(es.cfg, domain)
+        if extract(ref, method, **kw) is not None:
+            continue
+        works = [m for m in ("gsm8k", "last_number", "choice") if _reads_all(es.references, m)]
+        hint = (
+            f"eval.sets.{es.name}.extract={works[0]} reads an answer from every reference"
+            if works
+            else f"set eval.sets.{es.name}.extract=regex with a pattern (one capture group) "
+            "that finds the answer, or per_domain rules"
+        )
+        raise ValueError(
+            f"eval.sets.{es.name}: extract={method} finds no answer in the reference of example "
+            f"{i + 1} ({ref[:80]!r}); {hint}"
+        )
+
+
+def _reads_all(references: list[str], method: str) -> bool:
+    return all(extract(r, method) is not None for r in references)
 
 
 @torch.no_grad()

@@ -10,10 +10,10 @@ plain transformers checkpoint (LoRA merged, experts gathered from every expert-p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..paths import recipes_dir
+from ..train.cache import publish_dir, staging_dir
 from .expert_parallel import (
     convert_expert_parallel,
     is_expert_parallel,
@@ -68,12 +69,9 @@ def _smollm2_tokenizer_dir() -> Path:
     if not (out / "tokenizer_config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+        tmp = staging_dir(out)
         tok.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process published it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tmp, out)  # another process may have published it first
     return out
 
 
@@ -202,11 +200,10 @@ class HFCausalLM(nn.Module):
     mean token cross-entropy, plus the model's own aux loss when that one is active.
     """
 
-    def __init__(self, model: nn.Module, *, lora: bool = False, tokenizer_dir: str | None = None):
+    def __init__(self, model: nn.Module, *, lora: bool = False):
         super().__init__()
         self.model = model
         self.lora = lora
-        self.tokenizer_dir = tokenizer_dir
         self.handle: AttachHandle | None = None  # plain attribute: not a submodule
 
     @property
@@ -267,42 +264,77 @@ class HFCausalLM(nn.Module):
                 self.model.unmerge_adapter()
         return state
 
-    def export_pretrained(self, out_dir: str | os.PathLike) -> Path | None:
-        """Write a plain transformers checkpoint (and the tokenizer when the model has one).
+    def export_pretrained(
+        self, out_dir: str | os.PathLike, tokenizer: Any = None, step: int | None = None
+    ) -> Path | None:
+        """Write a plain transformers checkpoint with ``tokenizer`` (its chat template, and
+        its EOS / pad / BOS ids in the config and generation config) into ``out_dir``,
+        replacing it whole. ``step`` is recorded in ``moespec_export.json``.
 
         Every rank calls it (experts are gathered from the expert-parallel ranks); rank 0 writes.
         """
-        from transformers import AutoModelForCausalLM
-
         needs_rebuild = self.lora or any(is_expert_parallel(m) for m in self.modules())
         state = self.plain_state_dict() if needs_rebuild else None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = Path(out_dir)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            hf = self.hf_model
-            if state is None:
-                hf.save_pretrained(out)
-            else:
-                config = hf.config
-                plain = AutoModelForCausalLM.from_config(config, dtype=next(hf.parameters()).dtype)
-                missing, unexpected = plain.load_state_dict(state, strict=False)
-                tied = set(getattr(plain, "_tied_weights_keys", None) or [])
-                missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-                if missing or unexpected:
-                    raise RuntimeError(
-                        f"export left weights unset or unknown: missing {missing[:5]}, unexpected "
-                        f"{unexpected[:5]}"
-                    )
-                plain.save_pretrained(out)
-            if self.tokenizer_dir is not None:
-                from transformers import AutoTokenizer
-
-                AutoTokenizer.from_pretrained(self.tokenizer_dir).save_pretrained(out)
+            tmp = staging_dir(out)
+            plain = self.hf_model if state is None else self._rebuilt(state)
+            if tokenizer is not None:
+                set_special_token_ids(plain, tokenizer)
+                tokenizer.save_pretrained(str(tmp))
+            plain.save_pretrained(tmp)
+            (tmp / EXPORT_INFO).write_text(json.dumps({"step": step}) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            publish_dir(tmp, out)
             logger.info("exported a plain transformers checkpoint to %s", out)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return out if rank == 0 else None
+
+    def _rebuilt(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A plain transformers model of this config holding ``state`` (LoRA merged, experts
+        gathered)."""
+        from transformers import AutoModelForCausalLM
+
+        hf = self.hf_model
+        plain = AutoModelForCausalLM.from_config(hf.config, dtype=next(hf.parameters()).dtype)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"export left weights unset or unknown: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}"
+            )
+        return plain
+
+
+EXPORT_INFO = "moespec_export.json"
+
+
+def set_special_token_ids(model: nn.Module, tokenizer: Any) -> None:
+    """The model's config and generation config take ``tokenizer``'s EOS, pad and BOS ids, so
+    ``generate`` stops where the chat template ends a turn."""
+    ids = {
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for key, value in ids.items():
+                setattr(config, key, value)
+
+
+def export_step(model_dir: Path) -> int | None:
+    """The training step an exported model was written at (``None``: not a moespec export)."""
+    info = model_dir / EXPORT_INFO
+    if not info.is_file():
+        return None
+    step = json.loads(info.read_text()).get("step")
+    return int(step) if step is not None else None
 
 
 # ------------------------------------------------------------------------------ LoRA
@@ -320,7 +352,9 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def _load(cfg: Any) -> nn.Module:
+def _load(cfg: Any, vocab_size: int | None = None) -> nn.Module:
+    """The transformers model of the recipe; a model from a config (random weights) embeds
+    ``vocab_size`` tokens, the data tokenizer's, unless ``model.overrides.vocab_size`` is set."""
     m = cfg.model
     dtype = _dtype(m.dtype)
     if _is_smollm2(cfg):
@@ -343,6 +377,13 @@ def _load(cfg: Any) -> nn.Module:
         return load_hf_model(
             resolve_model_path(m.name_or_path), dtype=dtype, config_overrides=extra
         )
+    if (
+        vocab_size is not None
+        and "vocab_size" not in extra
+        and "vocab_size" in model_config_keys(cfg)
+    ):
+        extra["vocab_size"] = vocab_size
+        logger.info("random-init model: vocab_size=%d, the data tokenizer's", vocab_size)
     return load_hf_model(
         config_path=resolve_model_path(m.config), dtype=dtype, config_overrides=extra
     )
@@ -351,10 +392,11 @@ def _load(cfg: Any) -> nn.Module:
 def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     """The recipe's HF model with moespec's losses, optional upcycling, LoRA and expert parallel.
 
-    ``vocab_size`` (the data tokenizer's length) must not exceed the model's vocabulary.
+    ``vocab_size`` (the data tokenizer's length) must not exceed the vocabulary of a pretrained
+    model; a model from a config gets that vocabulary.
     """
     m = cfg.model
-    model = _load(cfg)
+    model = _load(cfg, vocab_size)
     if m.upcycle_experts > 0:
         from .upcycle import upcycle
 
@@ -382,7 +424,7 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     if m.lora.enabled:
         model = _apply_lora(model, m.lora)
     handle = attach(model, cfg.loss)  # after LoRA, on the final modules
-    wrapper = HFCausalLM(model, lora=m.lora.enabled, tokenizer_dir=hf_tokenizer_dir(cfg))
+    wrapper = HFCausalLM(model, lora=m.lora.enabled)
     wrapper.handle = handle
     return wrapper
 

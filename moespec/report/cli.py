@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import fail
+from ..cli import fail, prepare_environment
 from .collect import ReportOptions, collect
 from .data import VAL, dataset_batches, domain_names, parse_sources, text_batches
 
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> Path:
     opts = ReportOptions(top_n=args.top, snippets=args.snippets, progress=not args.no_progress)
     models, notes, domains = [], [], file_domains
     for target, name in zip(args.targets, names):
-        loaded = load_model(target, list(args.override))
-        tok = loaded.data.tokenizer
+        loaded = load_model(target, list(args.override), with_data=use_val)
+        tok = loaded.tokenizer
         if use_val:
             domains = list(loaded.data.domains)
             val = loaded.data.val
@@ -135,6 +135,7 @@ def write_outputs(report: dict[str, Any], out: Path, *, wandb: bool = False) -> 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; bad input prints one ``error:`` line and exits 2."""
     args = parser().parse_args(argv)
+    prepare_environment()
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:

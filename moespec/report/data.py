@@ -2,7 +2,9 @@
 
 A data argument is one of:
 
-- ``FILE.jsonl``: one document a line with a ``text`` field and an optional ``domain``;
+- ``FILE.jsonl``: one document a line with a ``text`` field, chat ``messages`` (rendered with
+  the model's chat template) or ``prompt`` and ``completion`` (joined), and an optional
+  ``domain``;
 - ``NAME=FILE``: every document of FILE (``.jsonl`` with ``text``, or plain text) is of
   domain NAME;
 - ``val``: the validation split of the first model's training recipe.
@@ -21,7 +23,11 @@ from typing import Any
 
 import torch
 
+from ..train.data import render_messages
+
 VAL = "val"
+
+Document = str | list[dict[str, Any]]  # plain text, or chat messages
 
 
 @dataclass
@@ -31,8 +37,8 @@ class Source:
     path: Path
     domain: str | None = None
 
-    def documents(self) -> Iterator[tuple[str | None, str]]:
-        """``(domain or None, text)`` of every document, in file order."""
+    def documents(self) -> Iterator[tuple[str | None, Document]]:
+        """``(domain or None, text or messages)`` of every document, in file order."""
         jsonl = self.path.suffix == ".jsonl"
         if not jsonl:
             text = self.path.read_text(encoding="utf-8", errors="replace")
@@ -47,10 +53,31 @@ class Source:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{self.path}:{number}: not JSON ({err.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f"{self.path}:{number}: no string field 'text'")
+                doc = row_document(row)
+                if doc is None:
+                    raise ValueError(
+                        f"{self.path}:{number}: no string field 'text', list of 'messages' or "
+                        "string 'prompt' and 'completion'"
+                    )
                 dom = row.get("domain") if self.domain is None else self.domain
-                yield (None if dom is None else str(dom)), row["text"]
+                yield (None if dom is None else str(dom)), doc
+
+
+def row_document(row: Any) -> Document | None:
+    """The document of a JSON row: its ``text``, its chat ``messages``, or ``prompt`` and
+    ``completion`` joined; ``None`` when it has none of them."""
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    messages = row.get("messages")
+    if isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+    ):
+        return messages
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return row["prompt"] + row["completion"]
+    return None
 
 
 def parse_sources(args: list[str]) -> list[Source]:
@@ -109,7 +136,8 @@ def text_batches(
             rows.clear()
 
     for src in sources:
-        for dom, text in src.documents():
+        for dom, doc in src.documents():
+            text = doc if isinstance(doc, str) else render_messages(doc, tokenizer)
             new = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             ids.extend(new)
             doms.extend([index.get(dom, -1) if dom is not None else -1] * len(new))

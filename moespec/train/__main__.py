@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli import check_overrides, fail
-from ..paths import recipes_dir, torch_extensions_dir
+from ..cli import check_overrides, fail, prepare_environment
+from ..paths import recipes_dir
 
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+prepare_environment()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -86,6 +86,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)
         refuse_ignored_keys(typed, list(HydraConfig.get().overrides.task))
+        typed.run_name = typed.run_name or sweep_job_name()
         summary = train(typed, run_dir)
     except Preempted as stop:
         raise SystemExit(stop.code) from None
@@ -100,6 +101,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     ) as err:
         fail(err)
     return summary.get("val/loss")
+
+
+def sweep_job_name() -> str | None:
+    """A multirun job's name, e.g. ``2:loss.orthogonality.weight=0.1`` (its number and its
+    overrides); ``None`` for a single run, named after its directory."""
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hc.job.num}:{hc.job.override_dirname}"
 
 
 def _destroy_process_group() -> None:

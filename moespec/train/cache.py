@@ -37,6 +37,22 @@ def file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(path: Path) -> None:
+    """Give ``path`` (and a directory's whole tree) the modes a plain ``open``/``mkdir`` would
+    under the process umask: temp files and directories are created private (0600/0700)."""
+    mask = _current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def staging_dir(final: Path) -> Path:
     """A new empty directory beside ``final``, to fill and then :func:`publish_dir`."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +61,7 @@ def staging_dir(final: Path) -> Path:
 
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temporary directory into place (atomic rename)."""
+    as_umask_allows(tmp)
     try:
         os.replace(tmp, final)
     except OSError:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import faults
+from .cache import as_umask_allows
 from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
 MARKER = "COMPLETE"
@@ -67,6 +68,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        as_umask_allows(Path(tmp))
         os.replace(tmp, path)
         fsync_path(path.parent)
     except BaseException:
@@ -81,6 +83,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         fsync_path(Path(tmp))
+        as_umask_allows(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

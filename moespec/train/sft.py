@@ -137,9 +137,9 @@ def require_chat_template(tokenizer: Any, why: str) -> str:
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
-            f"{why} needs a tokenizer with a chat template, and tokenizer {name!r} has none "
-            "(a BPE tokenizer trained by moespec has none: set data.tokenizer to a local "
-            "tokenizer directory with a chat template)"
+            f"{why} needs a tokenizer with a chat template, and tokenizer {name!r} has none: "
+            "set data.tokenizer to a local tokenizer directory with one, or data.tokenizer=bpe "
+            "(a BPE tokenizer with the ChatML template)"
         )
     return template
 

@@ -120,13 +120,7 @@ def build_sft(
     cfg: DataConfig, sources: SftSources, src_fp: Any, cache: Path, tokenizer: Any, rank: int
 ) -> DataBundle:
     """The prompt/completion and chat formats: one example per row, see :mod:`.sft`."""
-    needs_template = cfg.format == "chat" or cfg.use_chat_template or "chat" in sources.formats()
-    why = "data.format=chat" if not cfg.use_chat_template else "data.use_chat_template=true"
-    if needs_template and tokenizer is None and cfg.tokenizer == "bpe":
-        raise ValueError(
-            f"{why} needs a tokenizer with a chat template, and data.tokenizer=bpe trains one "
-            "without: set data.tokenizer to a local tokenizer directory with a chat template"
-        )
+    why = template_reason(cfg, sources)
     texts_key = {
         "v": SFT_CACHE_VERSION,
         "source": src_fp,
@@ -142,9 +136,9 @@ def build_sft(
     }
     split = _LazySplit(cfg, sources)
     if tokenizer is None:
-        tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split)
+        tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split, chat=why is not None)
     eos = eos_id(tokenizer)
-    if needs_template:
+    if why is not None:
         require_chat_template(tokenizer, why)
     key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
     data_key = content_hash([key, tokenizer_fingerprint(tokenizer)])
@@ -184,10 +178,27 @@ class _LazySplit:
         return self._split
 
 
+def template_reason(cfg: DataConfig, sources: SftSources) -> str | None:
+    """The setting that makes the data need a chat template (for errors), or ``None``."""
+    if cfg.use_chat_template:
+        return "data.use_chat_template=true"
+    if cfg.format == "chat":
+        return "data.format=chat"
+    if "chat" in sources.formats():
+        return "data.format=auto (the data is read as chat)"
+    return None
+
+
 def _sft_tokenizer(
-    cfg: DataConfig, sources: SftSources, texts_key: dict[str, Any], cache: Path, split: _LazySplit
+    cfg: DataConfig,
+    sources: SftSources,
+    texts_key: dict[str, Any],
+    cache: Path,
+    split: _LazySplit,
+    chat: bool,
 ) -> Any:
-    """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows."""
+    """``data.tokenizer``: a local directory, or a BPE trained (once, cached) on the train rows,
+    with the ChatML tokens and template when the data is ``chat``."""
     if cfg.tokenizer != "bpe":
         return load_tokenizer(cfg.tokenizer)
 
@@ -196,7 +207,7 @@ def _sft_tokenizer(
         log.info("training a %d-token BPE tokenizer on %d rows", cfg.vocab_size, len(train_idx))
         return _sft_texts(sources, train_idx)
 
-    return cached_bpe_tokenizer(cache, texts_key, cfg.vocab_size, train_texts)
+    return cached_bpe_tokenizer(cache, texts_key, cfg.vocab_size, train_texts, chat=chat)
 
 
 def _write_sft_cache(

@@ -1,4 +1,9 @@
-"""Tokenizers of the data pipeline: a byte-level BPE trained on the corpus, or one loaded from disk."""
+"""Tokenizers of the data pipeline: a byte-level BPE trained on the corpus, or one loaded from disk.
+
+A BPE tokenizer trained for chat data also gets the ChatML tokens and template (the one
+SmolLM2 and Qwen use), with ``{% generation %}`` marks around the assistant's text, and ends
+turns (its EOS) with ``<|im_end|>``.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,26 @@ if TYPE_CHECKING:
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
-def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` (EOS) and ``<|pad|>``."""
+def train_bpe_tokenizer(
+    texts: Iterator[str], vocab_size: int, chat: bool = False
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` (EOS) and ``<|pad|>``; with
+    ``chat``, also ``<|im_start|>``/``<|im_end|>`` (EOS) and :data:`CHATML_TEMPLATE`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,12 +50,22 @@ def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedToke
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *([IM_START, IM_END] if chat else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    if not chat:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=[IM_START],
+        chat_template=CHATML_TEMPLATE,
+    )
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -64,14 +95,19 @@ def eos_id(tokenizer: Any) -> int:
 
 
 def cached_bpe_tokenizer(
-    cache: Path, key: Any, vocab_size: int, texts: Callable[[], Iterable[str]]
+    cache: Path,
+    key: Any,
+    vocab_size: int,
+    texts: Callable[[], Iterable[str]],
+    chat: bool = False,
 ) -> PreTrainedTokenizerFast:
     """The BPE tokenizer of ``key`` (what it is trained on) from ``cache``, trained on
     ``texts()`` and published there first if no run has done so (one run at a time)."""
-    tok_dir = cache / "tokenizers" / f"bpe-{content_hash([key, vocab_size])}"
+    name = content_hash([key, vocab_size, "chatml"] if chat else [key, vocab_size])
+    tok_dir = cache / "tokenizers" / f"bpe-{name}"
     with file_lock(cache / "locks" / f"{tok_dir.name}.lock"):
         if not (tok_dir / "tokenizer.json").is_file():
             tmp = staging_dir(tok_dir)
-            train_bpe_tokenizer(iter(texts()), vocab_size).save_pretrained(str(tmp))
+            train_bpe_tokenizer(iter(texts()), vocab_size, chat).save_pretrained(str(tmp))
             publish_dir(tmp, tok_dir)
     return load_tokenizer(str(tok_dir))

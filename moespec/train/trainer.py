@@ -123,6 +123,13 @@ def validate_recipe(cfg: TrainConfig) -> None:
         from ..models.hf_train import check_model_source
 
         check_model_source(cfg)
+        if cfg.model.lora.enabled and cfg.moe.backend == "deepspeed" and cfg.deepspeed.zero_stage:
+            raise TrainingError(
+                f"model.lora.enabled=true with moe.backend=deepspeed needs deepspeed=zero0 (got "
+                f"zero_stage={cfg.deepspeed.zero_stage}): LoRA freezes the experts, and "
+                "DeepSpeed's ZeRO optimizer refuses expert-parallel layers without trainable "
+                "expert weights; LoRA's optimizer state is small, so ZeRO saves little"
+            )
     elif cfg.model.type != "tiny":
         raise TrainingError(f"model.type={cfg.model.type!r}; valid: tiny, hf")
 
@@ -587,7 +594,9 @@ def _finish(trainer: Trainer) -> dict[str, float]:
     """Export (HF models), write summary.json and close the logger."""
     if hasattr(trainer.model, "export_pretrained"):  # collective under expert parallel
         with gathered(trainer.model):  # ZeRO-3: whole parameters
-            trainer.model.export_pretrained(trainer.run_dir / "hf_model")
+            trainer.model.export_pretrained(
+                trainer.run_dir / "hf_model", trainer.data.tokenizer, trainer.step
+            )
     summary = run_level(trainer.last)
     run_dir = trainer.run_dir
     if trainer.rank == 0:
