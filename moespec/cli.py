@@ -16,12 +16,16 @@ _CHECKED_FLAGS = ("-m", "--multirun")
 def prepare_environment() -> None:
     """Before DeepSpeed is imported: its JIT ops cached in moespec's build or cache directory,
     no accelerator guess when the machine has no GPU (it warns on every command) and no
-    compiler probe lines (DeepSpeed checks for libaio, logged at INFO)."""
+    compiler probe lines (DeepSpeed checks for libaio, logged at INFO), no progress bars when
+    stderr is not a terminal."""
     import torch
 
     from .paths import torch_extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    if not sys.stderr.isatty():  # a log file, not a terminal: no progress-bar frames in it
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("compilers").setLevel(logging.WARNING)

@@ -74,6 +74,7 @@ def test_chat_sft_on_a_tiny_hf_model_trains_its_own_chat_tokenizer(home, train_e
     # quiet: no accelerator guess nor compiler probe lines
     assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout
     assert "gcc " not in proc.stderr + proc.stdout
+    assert "\r" not in proc.stderr + (run / "train.log").read_text()
 
 
 def test_export_works_in_plain_transformers(chat_run):
@@ -138,9 +139,9 @@ def test_generate_without_a_fitting_extractor_names_one(home, train_env, chat_ru
 
 def test_report_reads_chat_rows_on_the_export(home, train_env, chat_run):
     proc = command(home, train_env, "moespec-report", "run/hf_model", "--data",
-                   "data/chat/val.jsonl", "--out", "report", "--snippets", "0",
-                   "--no-progress")  # fmt: skip
+                   "data/chat/val.jsonl", "--out", "report", "--snippets", "0")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr  # no progress-bar frames when the output is not a terminal
     report = json.loads((home / "report" / "report.json").read_text())
     assert report["models"][0]["step"] == 4
     assert report["data"]["domains"] == ["arithmetic", "choice", "string", "units"]

@@ -40,6 +40,7 @@ def test_window_losses_equal_their_definition_over_ranks_and_micro_batches(
         if "train/loss" in r
     }
     assert sorted(rows) == [2, 4]
+    assert [rows[s]["user/steps_seen"] for s in (2, 4)] == [2.0, 4.0]  # a user callback logs
     names = {"aux", "orthogonality", "variance", "z"}
     for step, row in rows.items():
         window = [m for m in micro if step - 2 < m["step"] <= step]

@@ -89,7 +89,9 @@ def identify(cfg: DictConfig) -> dict[str, Any]:
         )
     inputs = (
         encoder.encode(ex, with_span=ex.image is None)
-        for ex in tqdm(examples, desc="identify", disable=not cfg.progress)
+        for ex in tqdm(
+            examples, desc="identify", disable=not (cfg.progress and sys.stderr.isatty())
+        )
     )
     t0 = time.perf_counter()
     scores = score_heads(model, inputs, image_token_id=image_token_id)
@@ -143,7 +145,7 @@ def apply(cfg: DictConfig) -> dict[str, Any]:
     out_path = _output(cfg, "output.answers")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as out, HeadController(model, profile, mode=mode):
-        for ex in tqdm(examples, desc="apply", disable=not cfg.progress):
+        for ex in tqdm(examples, desc="apply", disable=not (cfg.progress and sys.stderr.isatty())):
             ids = generate(model, encoder.encode(ex), cfg.generation.max_new_tokens, pad)
             record = {"source": ex.source, "question": ex.question, "output": encoder.decode(ids)}
             out.write(json.dumps(record) + "\n")

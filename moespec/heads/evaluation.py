@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import statistics
 import string
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -86,7 +87,9 @@ def evaluate(
     tokenizer = encoder.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scored = 0
-    for index, example in enumerate(tqdm(examples, desc="eval", disable=not progress)):
+    for index, example in enumerate(
+        tqdm(examples, desc="eval", disable=not (progress and sys.stderr.isatty()))
+    ):
         try:
             inputs = encoder.encode(example)
             outputs: dict[str, tuple[str, float]] = {}

@@ -49,6 +49,7 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.dev
 
 
 def _progress(batches: Iterable[dict[str, torch.Tensor]], on: bool, what: str) -> Iterator[Any]:
+    on = on and sys.stderr.isatty()  # no bar frames in a log file
     bar = tqdm(unit="tok", unit_scale=True, desc=what, disable=not on, file=sys.stderr)
     try:
         for batch in batches:

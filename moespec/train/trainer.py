@@ -615,7 +615,8 @@ def train(
 ) -> dict[str, float]:
     """Train with the recipe ``cfg``, writing logs, plots and checkpoints under ``run_dir``.
 
-    ``callbacks`` run after the default ones (:func:`~moespec.train.callbacks.default_callbacks`).
+    ``callbacks`` run after the default ones and before the metrics log, so what they add to
+    ``trainer.metrics`` is logged (:func:`~moespec.train.callbacks.default_callbacks`).
     """
     rank, world = init_distributed(cfg.trainer.collective_timeout_s)
     validate_recipe(cfg)
@@ -647,7 +648,7 @@ def _train(
     check_data_sizes(cfg, data, world)
     trainer = Trainer(
         cfg, run_dir, engine, model, data, scheduler, rank, world,
-        default_callbacks() + list(callbacks or []), preemption,
+        default_callbacks(callbacks), preemption,
     )  # fmt: skip
     for r in iter_routers(model):  # the score-correction bias moves once per optimizer step
         r.defer_bias_update = True

@@ -19,7 +19,8 @@ from moespec.train.trainer import init_distributed, train
 
 
 class Recorder(Callback):
-    """Keeps each micro-batch's figures; writes them when training ends."""
+    """Keeps each micro-batch's figures; writes them when training ends. Logs a metric of its
+    own at every step (``user/steps_seen``), as a user's callback would."""
 
     name = "recorder"
 
@@ -35,6 +36,9 @@ class Recorder(Callback):
                 "per_layer": micro.routed.per_layer,
             }
         )
+
+    def on_step_end(self, trainer) -> None:
+        trainer.metrics["user/steps_seen"] = float(trainer.step)
 
     def on_train_end(self, trainer) -> None:
         self.path.write_text(json.dumps(self.rows))

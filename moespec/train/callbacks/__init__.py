@@ -15,8 +15,11 @@ from .progress import Progress
 from .window import LoggingWindow
 
 
-def default_callbacks() -> list[Callback]:
-    """The callbacks every run has, in the order they act at the end of a step."""
+def default_callbacks(user: list[Callback] | None = None) -> list[Callback]:
+    """Every run's callbacks, with ``user``'s, in the order they act at the end of a step:
+    the logging window, collapse alarm, heat maps, progress line, validation and evaluation
+    sets, then the user's callbacks, then the metrics log (so what any of them adds to
+    ``trainer.metrics`` is logged) and last the checkpoint (which sees the logged step)."""
     return [
         LoggingWindow(),
         CollapseAlarm(),
@@ -24,6 +27,7 @@ def default_callbacks() -> list[Callback]:
         Progress(),
         Evaluation(),
         EvalSets(),
+        *(user or []),
         MetricsLog(),
         Checkpointing(),
     ]
