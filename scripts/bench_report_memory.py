@@ -31,7 +31,7 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def write_corpus(path: Path, chars: int) -> None:
     """Documents of the three embedded domains, round robin, until ``chars`` characters."""
-    from moespec.train.corpus import bible_documents, code_documents, prose_documents
+    from moespec.data.corpus import bible_documents, code_documents, prose_documents
 
     sources = {"bible": bible_documents(), "code": code_documents(), "prose": prose_documents()}
     written = 0

@@ -29,11 +29,11 @@ from benchlib import markdown_table, write_section
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from moespec.data.pipeline import build_data
 from moespec.data.synth import write_task
 from moespec.paths import recipes_dir
 from moespec.routing import iter_routers
 from moespec.train.config import TrainConfig, register_configs
-from moespec.train.data import build_data
 from moespec.train.trainer import Trainer, build_engine, init_distributed
 
 SECTION = "SFT packing (scripts/bench_sft.py)"

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from moespec.train import corpus, data
-from moespec.train.data import (
+from moespec.data import corpus
+from moespec.data import pipeline as data
+from moespec.data.pipeline import (
     DataConfig,
     PackedDataset,
     build_data,
@@ -26,7 +27,7 @@ from moespec.train.data import (
     render_messages,
     split_documents,
 )
-from moespec.train.sampler import batch_iterator
+from moespec.data.sampler import batch_iterator
 
 SMALL = 50_000
 

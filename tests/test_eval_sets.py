@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
+from moespec.data.pipeline import DataConfig
 from moespec.data.synth import ANSWER_EXTRACTION, generate
+from moespec.data.tokenizer import train_bpe_tokenizer
 from moespec.eval.extract import exact_match
 from moespec.eval.sets import EvalSetConfig, eval_set_config, evaluate_set, load_eval_set
 from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
-from moespec.train.data import DataConfig
-from moespec.train.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -241,8 +241,8 @@ def test_unlabelled_data_runs_without_the_domain_figures(smoke_run, tmp_path, mo
 def test_chat_and_prompt_completion_rows_are_documents(tmp_path):
     """Rows of the SFT formats are read: chat rendered with the chat template, a prompt and
     its completion joined; each document then ends with EOS, as plain text does."""
+    from moespec.data.tokenizer import train_bpe_tokenizer
     from moespec.report.data import parse_sources, text_batches
-    from moespec.train.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(iter(["what is two plus three it is five"] * 5), 300, chat=True)
     chat = [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "five"}]

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from moespec.train.data import DataConfig, build_data, validate_data_config
-from moespec.train.packing import ExampleRows, best_fit_decreasing
-from moespec.train.sampler import batch_iterator
-from moespec.train.tokenizer import train_bpe_tokenizer
+from moespec.data.packing import ExampleRows, best_fit_decreasing
+from moespec.data.pipeline import DataConfig, build_data, validate_data_config
+from moespec.data.sampler import batch_iterator
+from moespec.data.tokenizer import train_bpe_tokenizer
 
 TEXT = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
@@ -468,7 +468,7 @@ def test_truncation_counts(tmp_path, base_tok, caplog):
         ids.append((x, [0] * len(p) + [1] * (len(x) - len(p))))
     long = [i for i, (x, _) in enumerate(ids) if len(x) - 1 > seq_len]
     assert long == [3, 5, 7]
-    caplog.set_level(logging.WARNING, logger="moespec.train.data")
+    caplog.set_level(logging.WARNING, logger="moespec.data")
     dropped = build_data(
         cfg(tmp_path, src, format="prompt_completion", seq_len=seq_len), tokenizer=tok
     )

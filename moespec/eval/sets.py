@@ -130,7 +130,7 @@ class EvalSet:
 
 def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) -> EvalSet:
     """Tokenize the set's file as the recipe's data would be (its format and fields)."""
-    from ..train.sft_cache import SftSources, encode_sources
+    from ..data.sft_cache import SftSources, encode_sources
 
     overrides = {
         k: getattr(cfg, k)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..cache import publish_dir, staging_dir
 from ..paths import recipes_dir
-from ..train.cache import publish_dir, staging_dir
 from .expert_parallel import (
     convert_expert_parallel,
     is_expert_parallel,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..train.logging import routing_metrics
+from ..routing.metrics import routing_metrics
 from .collect import Collected, ReportOptions, summarise
 
 #: Layer-mean metrics shown in the table of differences, and which way is "more specialized".

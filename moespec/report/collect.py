@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..data.batches import model_inputs, token_context
 from ..routing import clear_router_losses, set_token_context
-from ..train.trainer import model_inputs, token_context
 from .probe import routing_probe
 from .stats import ReportStats, layer_summary, top_tokens
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..train.data import render_messages
+from ..data.pipeline import render_messages
 
 VAL = "val"
 

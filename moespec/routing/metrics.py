@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -429,3 +430,25 @@ class CollapseMonitor:
     def load_state_dict(self, state: dict[str, dict[int, int]]) -> None:
         """Continue the counts that :meth:`state_dict` saved."""
         self._dead, self._hot = dict(state["dead"]), dict(state["hot"])
+
+
+_ACROSS_LAYERS = {"sum": np.sum, "mean": np.mean, "max": np.max}
+
+
+def routing_metrics(
+    per_layer: list[dict[str, float]], reductions: dict[str, str] | None = None
+) -> dict[str, float]:
+    """``layer{i}/routing/<name>`` and ``routing/<name>``: the layers reduced by each metric's
+    own reduction (``reductions``; mean where none is given, dead experts summed)."""
+    reductions = {"dead_experts": "sum", **(reductions or {})}
+    out: dict[str, float] = {}
+    names = sorted({k for m in per_layer for k in m})
+    for name in names:
+        vals = [m[name] for m in per_layer if name in m]
+        if vals:
+            reduce = _ACROSS_LAYERS[reductions.get(name, "mean")]
+            out[f"routing/{name}"] = float(reduce(vals))
+        for i, m in enumerate(per_layer):
+            if name in m:
+                out[f"layer{i}/routing/{name}"] = float(m[name])
+    return out

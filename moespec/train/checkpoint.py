@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..cache import as_umask_allows
 from . import faults
-from .cache import as_umask_allows
 from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
 MARKER = "COMPLETE"

@@ -12,11 +12,11 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from ..data.pipeline import DataConfig
 from ..eval.sets import EvalConfig
 from ..models.tiny import TinyMoEConfig
 from ..moe.config import MoEConfig
 from ..routing.config import LossConfig
-from .data import DataConfig
 from .preempt import parse_signals
 
 

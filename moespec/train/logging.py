@@ -24,28 +24,6 @@ def run_level(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if "/" in k and not _PER_LAYER.search(k)}
 
 
-_ACROSS_LAYERS = {"sum": np.sum, "mean": np.mean, "max": np.max}
-
-
-def routing_metrics(
-    per_layer: list[dict[str, float]], reductions: dict[str, str] | None = None
-) -> dict[str, float]:
-    """``layer{i}/routing/<name>`` and ``routing/<name>``: the layers reduced by each metric's
-    own reduction (``reductions``; mean where none is given, dead experts summed)."""
-    reductions = {"dead_experts": "sum", **(reductions or {})}
-    out: dict[str, float] = {}
-    names = sorted({k for m in per_layer for k in m})
-    for name in names:
-        vals = [m[name] for m in per_layer if name in m]
-        if vals:
-            reduce = _ACROSS_LAYERS[reductions.get(name, "mean")]
-            out[f"routing/{name}"] = float(reduce(vals))
-        for i, m in enumerate(per_layer):
-            if name in m:
-                out[f"layer{i}/routing/{name}"] = float(m[name])
-    return out
-
-
 class MetricsLogger:
     """Writes one JSON object per logged step to ``metrics.jsonl`` and mirrors it to wandb."""
 

@@ -24,9 +24,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
+from ..data.batches import model_inputs, token_context
+from ..data.pipeline import DataBundle, build_data, validate_data_config
+from ..data.sampler import batch_iterator
 from ..eval.sets import validate_eval_config
 from ..routing import (
-    TokenContext,
     clear_router_losses,
     collect_router_losses,
     iter_routers,
@@ -41,12 +43,10 @@ from . import faults, safe_load
 from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
 from .compare import CompareError, load_run
 from .config import TrainConfig
-from .data import DataBundle, build_data, validate_data_config
 from .guard import StepGuard
 from .launch import free_port, unlink_shm_allreduce_buffer
 from .logging import MetricsLogger, run_level
 from .preempt import Preempted, PreemptionHandler
-from .sampler import batch_iterator
 from .zero3 import gathered, register_leaf_blocks, zero3_problem
 
 log = logging.getLogger("moespec")
@@ -423,30 +423,6 @@ class Trainer:
             )  # fmt: skip
         self.logger.finish(None)
         raise Preempted(self.step, code, self.preemption.received or "a signal on another rank")
-
-
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """``position_ids``/``document_ids`` of packed rows; nothing for plain causal windows."""
-    docs, pos = batch.get("document_ids"), batch.get("position_ids")
-    if docs is None or pos is None:
-        return {}
-    plain = bool((docs == 0).all()) and bool((pos == torch.arange(pos.shape[1])).all())
-    return {} if plain else {"position_ids": pos.to(device), "document_ids": docs.to(device)}
-
-
-def token_context(batch: dict[str, torch.Tensor], device: torch.device) -> TokenContext:
-    """Per-token sequence (row × example), domain and padding labels for the routers."""
-    ids = batch["input_ids"]
-    b, s = ids.shape
-    seq = torch.arange(b).repeat_interleave(s)
-    if "document_ids" in batch:
-        seq = seq * s + batch["document_ids"].reshape(-1).clamp_min(0)
-    mask = batch.get("attention_mask")
-    return TokenContext(
-        sequence_ids=seq.to(device),
-        domain_ids=batch["domain_ids"].reshape(-1).to(device),
-        token_mask=None if mask is None else mask.reshape(-1).bool().to(device),
-    )
 
 
 def _weights_text(routed: Any, lm_loss: torch.Tensor) -> str:

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ...data.batches import model_inputs, token_context
+from ...data.pipeline import DataBundle
+from ...data.sampler import batch_iterator
 from ...eval.routing import EvalRouting
 from ...routing import set_token_context
-from ..data import DataBundle
-from ..sampler import batch_iterator
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ def evaluate(trainer: Trainer, data: DataBundle) -> dict[str, float]:
     """``val/loss`` and ``val/loss/<domain>`` over ``trainer.eval_batches`` batches per rank,
     and the routing of those batches (``val/routing/<name>``, ``val/layer{i}/routing/load/...``)
     counted apart from the training window."""
-    from ..trainer import all_reduce_floats, model_inputs, token_context
+    from ..trainer import all_reduce_floats
 
     cfg, model, world = trainer.cfg, trainer.model, trainer.world
     model.eval()

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...routing import collect_routing_stats, iter_routers
-from ...routing.metrics import MetricWindow, load_fraction
-from ..logging import routing_metrics
+from ...routing.metrics import MetricWindow, load_fraction, routing_metrics
 from .base import Callback, MicroBatch
 
 if TYPE_CHECKING:

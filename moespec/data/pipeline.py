@@ -1,7 +1,7 @@
 """Data pipeline: load documents, train or load a tokenizer, pack into fixed-length sequences.
 
 :func:`build_data` returns train/validation datasets of ``seq_len`` rows, caching the tokenizer
-and token arrays under ``cache_dir``; :func:`moespec.train.sampler.batch_iterator` yields
+and token arrays under ``cache_dir``; :func:`moespec.data.sampler.batch_iterator` yields
 deterministic, resumable, rank-sharded batches. Every item (and so every batch, with a leading
 batch dimension) holds int64 tensors ``input_ids``, ``labels`` (aligned: label t is the token after t, -100 where not
 trained), ``domain_ids`` (-1: no domain, padding), ``position_ids``, ``document_ids`` (the
@@ -10,9 +10,9 @@ example within the row, -1 on padding) and ``attention_mask`` (1 real, 0 padding
 ``data.format=text`` (the default) packs every document into one flat token stream cut into
 windows of ``seq_len + 1`` tokens, every token trained (one "document" per window: document
 ids 0, positions 0..seq_len-1, no padding). The supervised fine-tuning formats
-(``prompt_completion``, ``chat``; :mod:`moespec.train.sft`) give one example per row of the
+(``prompt_completion``, ``chat``; :mod:`moespec.data.sft`) give one example per row of the
 data with labels only on the trained tokens, packed several to a row or padded one to a row
-(:mod:`moespec.train.packing`), cached by :mod:`moespec.train.sft_cache`.
+(:mod:`moespec.data.packing`), cached by :mod:`moespec.data.sft_cache`.
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ import torch
 from torch.utils.data import Dataset
 
 from moespec.paths import default_cache_dir
-from moespec.train import corpus
-from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
-from moespec.train.packing import ExampleRows
-from moespec.train.sft import (
+from moespec.data import corpus
+from moespec.cache import content_hash, file_lock, publish_dir, staging_dir
+from moespec.data.packing import ExampleRows
+from moespec.data.sft import (
     FORMATS,
     TRAIN_ON,
     TRUNCATION,
     template_fields,
 )
-from moespec.train.tokenizer import (
+from moespec.data.tokenizer import (
     cached_bpe_tokenizer,
     eos_id,
     load_tokenizer,
@@ -429,7 +429,7 @@ def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> Data
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     src_fp = _source_fingerprint(cfg)
     if cfg.format != "text":
-        from moespec.train.sft_cache import SftSources, build_sft  # it builds on this module
+        from moespec.data.sft_cache import SftSources, build_sft  # it builds on this module
 
         sources = SftSources(cfg)
         formats = sources.formats()

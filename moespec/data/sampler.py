@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from moespec.train.packing import length_grouped_order
+from moespec.data.packing import length_grouped_order
 
 
 class StatefulBatchSampler(Sampler[list[int]]):

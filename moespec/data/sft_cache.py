@@ -13,23 +13,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moespec.paths import default_cache_dir
-from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
-from moespec.train.data import (
+from moespec.cache import content_hash, file_lock, publish_dir, staging_dir
+from moespec.data.pipeline import (
     DataBundle,
     DataConfig,
     load_data_file,
     resolve_sources,
     split_documents,
 )
-from moespec.train.packing import ExampleRows
-from moespec.train.sft import (
+from moespec.data.packing import ExampleRows
+from moespec.data.sft import (
     ExampleEncoder,
     check_columns,
     require_chat_template,
     resolve_format,
     row_texts,
 )
-from moespec.train.tokenizer import (
+from moespec.data.tokenizer import (
     cached_bpe_tokenizer,
     eos_id,
     load_tokenizer,
@@ -39,7 +39,7 @@ from moespec.train.tokenizer import (
 if TYPE_CHECKING:
     import datasets
 
-log = logging.getLogger("moespec.train.data")
+log = logging.getLogger("moespec.data")
 
 SFT_CACHE_VERSION = 1
 

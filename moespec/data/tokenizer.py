@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moespec.train.cache import content_hash, file_lock, publish_dir, staging_dir
+from moespec.cache import content_hash, file_lock, publish_dir, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
