@@ -29,7 +29,7 @@ from benchlib import markdown_table, write_section
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from moespec.data.pipeline import build_data
+from moespec.data.build import build_data
 from moespec.data.synth import write_task
 from moespec.paths import recipes_dir
 from moespec.routing import iter_routers

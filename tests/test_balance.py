@@ -17,7 +17,8 @@ from moespec.routing.balance import (
     restore_budgets,
     variance_weight_cap,
 )
-from moespec.routing.config import BalanceConfig, validate_loss_config
+from moespec.routing.config import BalanceConfig
+from moespec.routing.losses import validate_loss_config
 from moespec.routing.metrics import CollapseMonitor, RoutingStats, relative_load_metrics
 from moespec.routing.router import balance_state, restore_balance, steer_balance
 

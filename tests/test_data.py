@@ -19,10 +19,10 @@ import torch
 
 from moespec.data import corpus
 from moespec.data import pipeline as data
+from moespec.data.build import build_data
 from moespec.data.pipeline import (
     DataConfig,
     PackedDataset,
-    build_data,
     load_documents,
     render_messages,
     split_documents,

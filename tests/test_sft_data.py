@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+from moespec.data.build import build_data
 from moespec.data.packing import ExampleRows, best_fit_decreasing
-from moespec.data.pipeline import DataConfig, build_data, validate_data_config
+from moespec.data.pipeline import DataConfig, validate_data_config
 from moespec.data.sampler import batch_iterator
 from moespec.data.tokenizer import train_bpe_tokenizer
 

@@ -191,7 +191,7 @@ def resolve_sources(source: str) -> list[Path]:
     return out
 
 
-def _source_fingerprint(cfg: DataConfig) -> Any:
+def source_fingerprint(cfg: DataConfig) -> Any:
     if cfg.source == "embedded":
         return ["embedded", corpus.embedded_fingerprint(cfg.max_chars_per_domain, cfg.seed)]
     return [_stat_fingerprint(p) for p in resolve_sources(cfg.source)]
@@ -418,29 +418,11 @@ def validate_data_config(cfg: DataConfig) -> None:
         )
 
 
-def build_data(cfg: DataConfig, *, tokenizer: Any = None, rank: int = 0) -> DataBundle:
-    """Load, tokenize, split and pack the data of ``cfg``, using the on-disk cache when valid.
-
-    ``tokenizer`` overrides ``cfg.tokenizer``. A file lock lets concurrent ranks share one
-    build; the trainer calls rank 0 first and the other ranks after a barrier, so they only
-    read the cache. Only rank 0 shows progress bars.
-    """
-    validate_data_config(cfg)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    src_fp = _source_fingerprint(cfg)
-    if cfg.format != "text":
-        from moespec.data.sft_cache import SftSources, build_sft  # it builds on this module
-
-        sources = SftSources(cfg)
-        formats = sources.formats()
-        if "text" not in formats:
-            return build_sft(cfg, sources, src_fp, cache, tokenizer, rank)
-        if formats != {"text"}:
-            raise ValueError(
-                "data.format=auto reads these sources as different formats "
-                f"({sources.describe()}); plain text cannot be mixed with prompt/completion or "
-                "chat examples: set data.format or split the sources"
-            )
+def build_text(
+    cfg: DataConfig, tokenizer: Any, rank: int, cache: Path, src_fp: Any
+) -> DataBundle:
+    """The text format: documents in one token stream cut into ``seq_len`` windows, cached
+    under ``cache`` (see :func:`moespec.data.build.build_data`)."""
     doc_key = {
         "v": CACHE_VERSION,
         "source": src_fp,

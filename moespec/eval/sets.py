@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.sft_cache import SftSources, encode_sources
 from ..routing import TokenContext, set_token_context
 from .extract import METHODS, exact_match, extract
 from .generate import greedy_generate
@@ -130,8 +131,6 @@ class EvalSet:
 
 def load_eval_set(name: str, cfg: EvalSetConfig, data_cfg: Any, tokenizer: Any) -> EvalSet:
     """Tokenize the set's file as the recipe's data would be (its format and fields)."""
-    from ..data.sft_cache import SftSources, encode_sources
-
     overrides = {
         k: getattr(cfg, k)
         for k in ("format", "prompt_field", "completion_field", "prompt_template", "messages_field")

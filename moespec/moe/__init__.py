@@ -6,7 +6,7 @@ Backends: native (dropless), deepspeed (expert parallel), megablocks (CUDA only)
 
 from __future__ import annotations
 
-from ..routing import LossConfig, validate_router_config
+from ..routing import LossConfig, validate_loss_config, validate_router_config
 from .backend import (
     BackendUnavailableError,
     ExpertOutput,
@@ -26,6 +26,7 @@ def build_moe_layer(
     moe.validate()
     router_cfg = moe.router_config(loss)
     validate_router_config(router_cfg)
+    validate_loss_config(router_cfg.loss)
     return MoELayer(
         hidden_size,
         moe.ffn_size,

@@ -9,10 +9,9 @@ from .config import (
     RouterConfig,
     VarianceLossConfig,
     ZLossConfig,
-    validate_loss_config,
     validate_router_config,
 )
-from .losses import LOSSES, LossInputs, routing_loss
+from .losses import LOSSES, LossInputs, routing_loss, validate_loss_config
 from .router import (
     CollectedLosses,
     Router,

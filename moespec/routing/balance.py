@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..distributed import collective_device
 from .metrics import relative_load_metrics
 
 #: Decay of the moving average of the slot counts the yield is steered by (about ten steps).
@@ -89,9 +90,7 @@ def steer_budgets(budgets: list[BalanceBudget]) -> None:
     if not active:
         return
     distributed = dist.is_available() and dist.is_initialized()
-    device = torch.device("cpu")
-    if distributed and dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = collective_device() if distributed else torch.device("cpu")
     rows = [
         torch.zeros(b.num_experts, dtype=torch.float64, device=device)
         if b.counts is None else b.counts.to(device, torch.float64)

@@ -168,17 +168,9 @@ def parse_weight(value: Any, name: str) -> float | str:
     return value
 
 
-def validate_loss_config(cfg: LossConfig, prefix: str = "loss") -> None:
-    """Raise ``ValueError`` naming the first invalid field of a ``LossConfig``."""
-    from .losses import resolve_losses  # the loss table reads this module's configs
-
-    resolve_losses(cfg, prefix)
-    validate_balance_config(cfg.balance, f"{prefix}.balance")
-
-
-def validate_router_config(cfg: RouterConfig, *, losses: bool = True) -> None:
-    """Raise ``ValueError`` naming the first invalid field of a ``RouterConfig`` (and of its
-    ``loss`` unless ``losses=False``)."""
+def validate_router_config(cfg: RouterConfig) -> None:
+    """Raise ``ValueError`` naming the first invalid field of a ``RouterConfig`` (its ``loss``:
+    :func:`~moespec.routing.losses.validate_loss_config`)."""
     if not isinstance(cfg.num_experts, int) or cfg.num_experts < 1:
         raise ValueError(f"router.num_experts must be an integer >= 1, got {cfg.num_experts!r}")
     if not isinstance(cfg.top_k, int) or cfg.top_k < 1:
@@ -215,5 +207,3 @@ def validate_router_config(cfg: RouterConfig, *, losses: bool = True) -> None:
         v = getattr(cfg, key)
         if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
             raise ValueError(f"router.{key} must be a finite number >= 0, got {v!r}")
-    if losses:
-        validate_loss_config(cfg.loss)

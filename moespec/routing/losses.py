@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import AUTO, AUX_SCOPES, parse_weight, term_config
+from .config import (
+    AUTO,
+    AUX_SCOPES,
+    LossConfig,
+    parse_weight,
+    term_config,
+    validate_balance_config,
+)
 
 ORTHOGONALITY_VARIANTS = ("projection", "pairwise", "cosine")
 
@@ -418,3 +425,9 @@ def resolve_losses(cfg: Any, prefix: str = "loss") -> list[ActiveLoss]:
             entry.validate(node, key)
         out.append(ActiveLoss(entry, node, weight, target))
     return out
+
+
+def validate_loss_config(cfg: LossConfig, prefix: str = "loss") -> None:
+    """Raise ``ValueError`` naming the first invalid field of a ``LossConfig``."""
+    resolve_losses(cfg, prefix)
+    validate_balance_config(cfg.balance, f"{prefix}.balance")

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..distributed import collective_device
+
 
 def load_fraction(counts: torch.Tensor) -> torch.Tensor:
     """Share of routed slots per expert (sums to 1; zeros when nothing was routed)."""
@@ -212,7 +214,7 @@ class MetricWindow:
                     raise ValueError(f"metric {name} is reported differently across ranks")
                 merged[name] = (reduce, tuple(max(a, b) for a, b in zip(mine[1], shape)))
         names = sorted(merged)
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        device = collective_device(group)
         for op, kinds in ((dist.ReduceOp.SUM, ("sum", "mean")), (dist.ReduceOp.MAX, ("max",))):
             chosen = [n for n in names if merged[n][0] in kinds]
             if not chosen:

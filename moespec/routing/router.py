@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import collective_device
 from . import losses as L
 from .balance import (
     BalanceBudget,
@@ -163,7 +164,7 @@ class Router(nn.Module):
 
     def _init_state(self, hidden_size: int, config: RouterConfig, layer_index: int | None) -> None:
         """Config, loss weights and statistics: everything but the gate weight and the bias."""
-        validate_router_config(config, losses=False)
+        validate_router_config(config)
         self.config = config
         self.hidden_size = hidden_size
         self.num_experts = config.num_experts
@@ -433,8 +434,7 @@ def calibrate_weight(raw_value: float, target: float, name: str = "the loss") ->
 def _mean_across_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = t.to(collective_device())
         dist.all_reduce(t)
         t = t.cpu() / dist.get_world_size()
     return t.tolist()

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import as_umask_allows
+from ..distributed import collective_device
 from . import faults
 from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
@@ -164,7 +165,7 @@ def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (a collective)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    device = collective_device()
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

@@ -25,8 +25,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ..data.batches import model_inputs, token_context
-from ..data.pipeline import DataBundle, build_data, validate_data_config
+from ..data.build import build_data
+from ..data.pipeline import DataBundle, validate_data_config
 from ..data.sampler import batch_iterator
+from ..distributed import all_reduce_floats, local_device
 from ..eval.sets import validate_eval_config
 from ..routing import (
     clear_router_losses,
@@ -82,21 +84,6 @@ def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def all_reduce_floats(values: list[float], op: str = "sum") -> list[float]:
-    """Sum (or max) a list of floats over every rank."""
-    t = torch.tensor(
-        values, dtype=torch.float64, device=_device() if dist.get_backend() == "nccl" else "cpu"
-    )
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.cpu().tolist()
 
 
 # ----------------------------------------------------------------------------- setup
@@ -251,7 +238,7 @@ class Trainer:
         self.cfg, self.run_dir, self.engine, self.model = cfg, run_dir, engine, model
         self.data, self.scheduler, self.rank, self.world = data, scheduler, rank, world
         self.callbacks = callbacks
-        self.device = _device()
+        self.device = local_device()
         self.ckpt_root = run_dir / "checkpoints"
         self.total_steps = cfg.trainer.max_steps
         self.start_step = self.step = 0
@@ -495,7 +482,7 @@ def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
     import deepspeed
 
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg, vocab).to(_device())
+    model = build_model(cfg, vocab).to(local_device())
     if cfg.deepspeed.zero_stage == 3:
         register_leaf_blocks(model)
     groups = optimizer_groups(model, cfg.optim.weight_decay)

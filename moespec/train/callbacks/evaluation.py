@@ -11,6 +11,7 @@ import torch
 from ...data.batches import model_inputs, token_context
 from ...data.pipeline import DataBundle
 from ...data.sampler import batch_iterator
+from ...distributed import all_reduce_floats
 from ...eval.routing import EvalRouting
 from ...routing import set_token_context
 from .base import Callback
@@ -24,7 +25,6 @@ def evaluate(trainer: Trainer, data: DataBundle) -> dict[str, float]:
     """``val/loss`` and ``val/loss/<domain>`` over ``trainer.eval_batches`` batches per rank,
     and the routing of those batches (``val/routing/<name>``, ``val/layer{i}/routing/load/...``)
     counted apart from the training window."""
-    from ..trainer import all_reduce_floats
 
     cfg, model, world = trainer.cfg, trainer.model, trainer.world
     model.eval()
