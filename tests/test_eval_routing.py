@@ -30,7 +30,7 @@ def smoke_run(run_train, tmp_path_factory) -> Path:
 def _routing_of_val_batches(run_dir: Path, trace_routing) -> tuple[list[list], int, int]:
     """Per layer, per token of the evaluated batches: (chosen experts, domain id, k outputs)."""
     from moespec.data.sampler import batch_iterator
-    from moespec.eval.cli import load_model
+    from moespec.train.runs import load_model
 
     loaded = load_model(run_dir, [])
     cfg, model = loaded.cfg, loaded.model.eval()

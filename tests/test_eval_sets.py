@@ -129,7 +129,7 @@ def test_moespec_eval_on_a_run_dir_reproduces_the_training_evaluation(
     assert proc.returncode == 0, proc.stderr[-4000:]
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     again = subprocess.run(
-        [sys.executable, "-m", "moespec.eval.cli", str(run_dir)],
+        [sys.executable, "-m", "moespec.train.eval_cli", str(run_dir)],
         capture_output=True, text=True, env=train_env, timeout=600,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-4000:]
@@ -141,7 +141,7 @@ def test_moespec_eval_on_a_run_dir_reproduces_the_training_evaluation(
 
 
 def test_moespec_eval_refuses_what_it_cannot_evaluate(tmp_path):
-    from moespec.eval.cli import recipe_of
+    from moespec.train.runs import recipe_of
 
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         recipe_of(tmp_path, [])

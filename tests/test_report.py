@@ -86,7 +86,7 @@ def _windows(tokenizer, path: Path, seq_len: int) -> list[tuple[list[int], list[
 @pytest.fixture(scope="module")
 def reference(smoke_run, labelled, report, trace_routing) -> dict:
     """Per layer, per token: (token id, domain, chosen experts, scores, k expert outputs)."""
-    from moespec.eval.cli import load_model
+    from moespec.train.runs import load_model
 
     loaded = load_model(smoke_run, [])
     model, tok = loaded.model.eval(), loaded.data.tokenizer

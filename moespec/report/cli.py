@@ -62,7 +62,7 @@ def labels(targets: list[Path], names: list[str] | None) -> list[str]:
 
 def run(args: argparse.Namespace) -> Path:
     """Collect every model's statistics, write the JSON, figures and page; returns the page."""
-    from ..eval.cli import load_model
+    from ..train.runs import load_model
     from .build import differences, model_report
 
     names = labels(args.targets, args.names)
