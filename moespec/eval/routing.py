@@ -17,10 +17,11 @@ from typing import Any
 from torch import nn
 
 from ..routing import clear_router_losses, collect_routing_stats, iter_routers, set_token_context
+from ..routing.metric_table import shown_in
 from ..routing.metrics import load_fraction, routing_metrics
 
 #: The layer means logged for an evaluation pass (besides each layer's expert load).
-SUMMARY = ("maxvio", "output_overlap", "domain_mi", "load_cv", "dead_experts")
+SUMMARY = tuple(m.name for m in shown_in("eval"))
 
 
 def load_figures(loads: list[list[float]]) -> dict[str, float]:

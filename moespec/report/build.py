@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..routing.metric_table import shown_in
 from ..routing.metrics import routing_metrics
 from .collect import Collected, ReportOptions, summarise
 
-#: Layer-mean metrics shown in the table of differences, and which way is "more specialized".
-DIFF_METRICS = ("output_overlap", "token_overlap", "domain_mi", "maxvio", "routing_entropy",
-                "load_entropy", "dead_experts")  # fmt: skip
+#: Layer-mean metrics shown in the table of differences.
+DIFF_METRICS = tuple(m.name for m in shown_in("report"))
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:

@@ -7,17 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from ..routing.metric_table import shown_in
 from ..train.plots import heatmap, plot_domain_heatmap, plot_load_heatmap, plt, save
 
 #: Layer-wise summary panels: (metric of ``layers[i].metrics``, title).
-SUMMARY_METRICS = (
-    ("output_overlap", "expert output overlap (mean |cos|)"),
-    ("token_overlap", "token-set overlap (Jaccard)"),
-    ("maxvio", "MaxVio"),
-    ("domain_mi", "I(expert; domain) / H(domain)"),
-    ("routing_entropy", "routing entropy (nats)"),
-    ("dead_experts", "dead experts"),
-)
+SUMMARY_METRICS = tuple((m.name, m.title) for m in shown_in("report_figure"))
 
 
 def _panels(layers: list[dict[str, Any]], key: str, path: Path, title: str, **style: Any) -> Path:

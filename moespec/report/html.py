@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from ..routing.metric_table import shown_in
 from .build import DIFF_METRICS
 
 STYLE = """
@@ -68,8 +69,7 @@ def _summary(report: dict[str, Any]) -> str:
 
 
 def _layers_table(model: dict[str, Any]) -> str:
-    keys = ["output_overlap", "token_overlap", "maxvio", "domain_mi", "routing_entropy",
-            "load_entropy", "dead_experts"]  # fmt: skip
+    keys = [m.name for m in shown_in("report")]
     keys = [k for k in keys if any(k in ly["metrics"] for ly in model["layers"])]
     rows = [[str(ly["layer"]), *(_num(ly["metrics"].get(k)) for k in keys),
              ", ".join(map(str, ly["near_dead"])) or "-"] for ly in model["layers"]]  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import collective_device
+from .metric_table import layer_reductions
 
 
 def load_fraction(counts: torch.Tensor) -> torch.Tensor:
@@ -352,7 +353,7 @@ class RoutingStats:
         """How each metric of :meth:`compute` combines over layers: its reported reduction;
         the derived load metrics average, dead experts add up."""
         own = {n: r for n, r in self.window.reductions().items() if n not in _ROUTING_SUMS}
-        return {"dead_experts": "sum", **own}
+        return {**layer_reductions(), **own}
 
     def compute(self) -> dict[str, float]:
         """The window's metrics under the names used in logs (without prefix)."""
@@ -363,6 +364,7 @@ class RoutingStats:
             "dead_experts": float(dead_experts(counts)),
             "load_entropy": load_entropy(counts),
             "token_overlap": 0.0,
+            "top_expert_share": float(counts.max() / counts.sum()) if counts.sum() > 0 else 0.0,
         }
         if self.top_k is not None:
             out.update(relative_load_metrics(counts, self.top_k))
@@ -442,7 +444,7 @@ def routing_metrics(
 ) -> dict[str, float]:
     """``layer{i}/routing/<name>`` and ``routing/<name>``: the layers reduced by each metric's
     own reduction (``reductions``; mean where none is given, dead experts summed)."""
-    reductions = {"dead_experts": "sum", **(reductions or {})}
+    reductions = {**layer_reductions(), **(reductions or {})}
     out: dict[str, float] = {}
     names = sorted({k for m in per_layer for k in m})
     for name in names:

@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..routing.losses import LOSSES
+from ..routing.metric_table import shown_in
 from .logging import run_level
 from .seeds import SeedGroup, group_by_seed, mean_std, paired_difference
 
@@ -37,30 +38,18 @@ LEGACY_KEYS = {
 TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
     ("val/loss", "validation loss", "lower"),
     ("train/lm_loss", "train LM loss (last step)", "lower"),
-    ("routing/output_overlap", "expert output overlap", "lower"),
-    ("routing/token_overlap", "expert token-set overlap", "lower"),
-    ("routing/domain_mi", "domain MI (normalised)", "higher"),
-    ("routing/variance", "routing variance", "higher"),
-    ("routing/maxvio", "MaxVio (load imbalance)", None),
-    ("routing/relative_maxvio", "MaxVio / largest possible", None),
-    ("routing/load_cv", "load CV", None),
-    ("routing/dead_experts", "dead experts", None),
+    *((f"routing/{m.name}", m.label, m.better) for m in shown_in("compare")),
     ("balance/yield", "balance yield (1 = not yielding)", None),
 )
 #: The routing of the validation batches (logged with ``val/loss``).
-VAL_ROUTING_METRICS: tuple[tuple[str, str, str | None], ...] = (
-    ("val/routing/output_overlap", "validation: output overlap", "lower"),
-    ("val/routing/domain_mi", "validation: domain MI", "higher"),
-    ("val/routing/maxvio", "validation: MaxVio", None),
+VAL_ROUTING_METRICS: tuple[tuple[str, str, str | None], ...] = tuple(
+    (f"val/routing/{m.name}", f"validation: {m.short}", m.better) for m in shown_in("validation")
 )
 #: The panels of the curves plot, in order; missing ones are skipped.
 PLOT_METRICS: tuple[str, ...] = (
     "train/lm_loss",
     "val/loss",
-    "routing/output_overlap",
-    "routing/domain_mi",
-    "routing/variance",
-    "routing/maxvio",
+    *(f"routing/{m.name}" for m in shown_in("plot")),
 )
 
 
@@ -206,8 +195,11 @@ def table_rows(runs: list[Run]) -> list[tuple[str, str, str | None]]:
 
 
 #: Figures of evaluation sets shown by compare: ``eval/<set>/<metric>``, and which way is better.
-EVAL_METRICS = (("accuracy", "higher"), ("loss", "lower"), ("routing/output_overlap", "lower"),
-                ("routing/domain_mi", "higher"))  # fmt: skip
+EVAL_METRICS: tuple[tuple[str, str, str | None], ...] = (
+    ("accuracy", "accuracy", "higher"),
+    ("loss", "loss", "lower"),
+    *((f"routing/{m.name}", m.short, m.better) for m in shown_in("validation")),
+)
 
 
 def eval_rows(keys: set[str]) -> list[tuple[str, str, str | None]]:
@@ -215,10 +207,8 @@ def eval_rows(keys: set[str]) -> list[tuple[str, str, str | None]]:
     sets = sorted({k.split("/")[1] for k in keys if k.startswith("eval/")})
     rows: list[tuple[str, str, str | None]] = []
     for name in sets:
-        for metric, better in EVAL_METRICS:
-            rows.append(
-                (f"eval/{name}/{metric}", f"{name}: {metric.replace('routing/', '')}", better)
-            )
+        for metric, label, better in EVAL_METRICS:
+            rows.append((f"eval/{name}/{metric}", f"{name}: {label}", better))
         prefix = f"eval/{name}/accuracy/"
         for key in sorted(k for k in keys if k.startswith(prefix)):
             rows.append((key, f"{name}: accuracy {key[len(prefix) :]}", "higher"))

@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ...eval.sets import EvalSet, evaluate_set, load_eval_set, validate_eval_config
+from ...routing.metric_table import shown_in
 from .base import Callback
 
 if TYPE_CHECKING:
@@ -20,8 +21,8 @@ def format_table(figures: dict[str, float]) -> str:
     for key, value in figures.items():
         _, name, metric = key.split("/", 2)
         sets.setdefault(name, {})[metric] = value
-    cols = [c for c in ("loss", "ppl", "accuracy", "routing/maxvio", "routing/output_overlap",
-                        "routing/domain_mi") if any(c in m for m in sets.values())]  # fmt: skip
+    wanted = ["loss", "ppl", "accuracy", *(f"routing/{m.name}" for m in shown_in("validation"))]
+    cols = [c for c in wanted if any(c in m for m in sets.values())]
     lines = ["| set | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, m in sets.items():
         lines.append(
