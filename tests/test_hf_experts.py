@@ -15,10 +15,11 @@ pytest.importorskip("transformers")
 
 from moespec.hooks import HookRegistry, count_hooks  # noqa: E402
 from moespec.models import experts as X  # noqa: E402
-from moespec.models.hf import PROBE_ATTR, attach, moe_blocks  # noqa: E402
+from moespec.models.hf import attach, moe_blocks  # noqa: E402
 from moespec.models.hf_tiny import tiny_moe_model  # noqa: E402
 from moespec.routing import LossConfig  # noqa: E402
 from moespec.routing import losses as L  # noqa: E402
+from moespec.routing.router import ATTACHED_ROUTER_ATTR  # noqa: E402
 
 FAMILIES = [
     "gpt_oss",  # interleaved gate/up, transposed, biases, clamped activation
@@ -186,7 +187,8 @@ def test_detach_restores_implementation(family: str) -> None:
     assert model.config._experts_implementation == "eager"
     assert count_hooks(model) == 0 and list(model.state_dict()) == keys
     for _, block in moe_blocks(model)[2]:
-        assert PROBE_ATTR not in block.__dict__ and X.PROBE_ATTR not in block.experts.__dict__
+        assert ATTACHED_ROUTER_ATTR not in block.__dict__
+        assert X.EXPERTS_PROBE_ATTR not in block.experts.__dict__
 
 
 def test_interface_check_names_what_moved(monkeypatch) -> None:

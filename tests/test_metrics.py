@@ -36,7 +36,7 @@ def _slot_counts(idx, e):
     return torch.tensor(counts, dtype=torch.float64)
 
 
-def _cooccurrence(idx, e):
+def _coactivation(idx, e):
     """[E,E]: tokens routed to both i and j (diagonal: tokens of i), counted token by token."""
     c = torch.zeros(e, e, dtype=torch.float64)
     for row in idx:
@@ -190,13 +190,13 @@ def test_token_set_jaccard_by_hand():
     # token sets: expert 0 = {0, 1}, expert 1 = {1, 2}, expert 2 = {3}
     # J01 = |{1}| / |{0,1,2}| = 1/3, J02 = J12 = 0 -> mean over the 3 pairs = 1/9
     idx = [[0], [0, 1], [1], [2]]
-    c = _cooccurrence(idx, 3)
+    c = _coactivation(idx, 3)
     assert c.tolist() == [[2, 1, 0], [1, 2, 0], [0, 0, 1]]
     assert token_set_jaccard(c) == pytest.approx(1 / 9, rel=1e-6)
     # identical sets: J = 1
-    assert token_set_jaccard(_cooccurrence([[0, 1], [0, 1]], 2)) == pytest.approx(1.0)
+    assert token_set_jaccard(_coactivation([[0, 1], [0, 1]], 2)) == pytest.approx(1.0)
     # two dead experts: empty union counts 0, not NaN; J(0,1) = 0 too -> 0
-    assert token_set_jaccard(_cooccurrence([[0], [1]], 4)) == 0.0
+    assert token_set_jaccard(_coactivation([[0], [1]], 4)) == 0.0
     assert token_set_jaccard(torch.zeros(3, 3)) == 0.0
     assert token_set_jaccard(torch.tensor([[4.0]])) == 0.0  # one expert: no pair
     assert token_set_jaccard(torch.zeros(0, 0)) == 0.0
@@ -208,7 +208,7 @@ def test_token_set_jaccard_matches_python_sets():
     sets = [{t for t, row in enumerate(idx) if x in row} for x in range(e)]
     pairs = [(a, b) for a in range(e) for b in range(e) if a < b]
     expect = sum(len(sets[a] & sets[b]) / len(sets[a] | sets[b]) for a, b in pairs) / len(pairs)
-    assert token_set_jaccard(_cooccurrence(idx, e)) == pytest.approx(expect, rel=1e-6)
+    assert token_set_jaccard(_coactivation(idx, e)) == pytest.approx(expect, rel=1e-6)
 
 
 # -------------------------------------------------------------- domain_mutual_information

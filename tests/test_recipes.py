@@ -86,11 +86,23 @@ def test_deepspeed_precedence_command_line_over_experiment_over_group_file():
     assert _parsed_by_deepspeed(cfg).train_micro_batch_size_per_gpu == 3
 
 
-@pytest.mark.parametrize("group", ["moe", "loss", "deepspeed", "data", "model"])
-def test_every_group_option_composes(group):
-    for option in sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml")):
-        extra = ["data.source=corpus.jsonl"] if (group, option) == ("data", "jsonl") else []
-        _compose([f"{group}={option}", *extra])
+GROUP_OPTIONS = [
+    (group, p.stem)
+    for group in ("moe", "loss", "deepspeed", "data", "model")
+    for p in sorted((recipes_dir() / group).glob("*.yaml"))
+]
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    assert groups == {"moe", "loss", "deepspeed", "data", "model"}
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_group_option_composes(group, option):
+    extra = ["data.source=corpus.jsonl"] if (group, option) == ("data", "jsonl") else []
+    cfg = _compose([f"{group}={option}", *extra])
+    assert isinstance(cfg, TrainConfig)
 
 
 def test_loss_overrides_reach_typed_config():

@@ -265,6 +265,21 @@ def test_chat_and_prompt_completion_rows_are_documents(tmp_path):
     assert batch["domain_ids"][0, :n].tolist() == doms
 
 
+def test_rows_are_padded_with_pad_id_zero(tmp_path):
+    """A pad token of id 0 pads (it is not mistaken for a missing one and replaced by EOS)."""
+    from moespec.data.tokenizer import train_bpe_tokenizer
+    from moespec.report.data import parse_sources, text_batches
+
+    tok = train_bpe_tokenizer(iter(["what is two plus three"] * 5), 300, chat=True)
+    tok.pad_token = "<|endoftext|>"
+    assert tok.pad_token_id == 0 and tok.eos_token_id != 0
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"text": "what is two"}) + "\n")
+    (batch,) = text_batches(parse_sources([str(path)]), tok, [], 64, 4)
+    n = int(batch["attention_mask"].sum())
+    assert batch["input_ids"][0, n:].tolist() == [0] * (64 - n)
+
+
 def _fails(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as stop:
         main(args)

@@ -28,9 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moespec.paths import default_cache_dir
-from moespec.data import corpus
 from moespec.cache import content_hash, file_lock, publish_dir, staging_dir
+from moespec.data import corpus
 from moespec.data.packing import ExampleRows
 from moespec.data.sft import (
     FORMATS,
@@ -44,6 +43,7 @@ from moespec.data.tokenizer import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from moespec.paths import default_cache_dir
 
 if TYPE_CHECKING:
     import datasets
@@ -418,9 +418,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         )
 
 
-def build_text(
-    cfg: DataConfig, tokenizer: Any, rank: int, cache: Path, src_fp: Any
-) -> DataBundle:
+def build_text(cfg: DataConfig, tokenizer: Any, rank: int, cache: Path, src_fp: Any) -> DataBundle:
     """The text format: documents in one token stream cut into ``seq_len`` windows, cached
     under ``cache`` (see :func:`moespec.data.build.build_data`)."""
     doc_key = {

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moespec.paths import default_cache_dir
 from moespec.cache import content_hash, file_lock, publish_dir, staging_dir
+from moespec.data.packing import ExampleRows
 from moespec.data.pipeline import (
     DataBundle,
     DataConfig,
@@ -21,7 +21,6 @@ from moespec.data.pipeline import (
     resolve_sources,
     split_documents,
 )
-from moespec.data.packing import ExampleRows
 from moespec.data.sft import (
     ExampleEncoder,
     check_columns,
@@ -33,8 +32,10 @@ from moespec.data.tokenizer import (
     cached_bpe_tokenizer,
     eos_id,
     load_tokenizer,
+    pad_id,
     tokenizer_fingerprint,
 )
+from moespec.paths import default_cache_dir
 
 if TYPE_CHECKING:
     import datasets
@@ -137,7 +138,7 @@ def build_sft(
     split = _LazySplit(cfg, sources)
     if tokenizer is None:
         tokenizer = _sft_tokenizer(cfg, sources, texts_key, cache, split, chat=why is not None)
-    eos = eos_id(tokenizer)
+    eos_id(tokenizer)  # a tokenizer without EOS is refused here
     if why is not None:
         require_chat_template(tokenizer, why)
     key = {**texts_key, "use_chat_template": cfg.use_chat_template, "train_on": cfg.train_on}
@@ -147,7 +148,7 @@ def build_sft(
         if not (data_dir / "meta.json").is_file():
             _write_sft_cache(data_dir, cfg, sources, tokenizer, split())
     meta = json.loads((data_dir / "meta.json").read_text())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     train, val = (_load_sft_rows(data_dir, name, cfg, pad, rank) for name in ("train", "val"))
     if len(train) == 0:
         st = train.stats

@@ -94,6 +94,12 @@ def eos_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads rows: the tokenizer's pad token, else its EOS (id 0 is a valid pad)."""
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else eos_id(tokenizer)
+
+
 def cached_bpe_tokenizer(
     cache: Path,
     key: Any,

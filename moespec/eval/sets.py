@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..data.sft_cache import SftSources, encode_sources
+from ..data.tokenizer import pad_id
 from ..routing import TokenContext, set_token_context
 from .extract import METHODS, exact_match, extract
 from .generate import greedy_generate
@@ -270,7 +271,7 @@ def evaluate_set(
     step: int,
 ) -> dict[str, float]:
     """Every metric of the set as ``eval/<set>/<metric>``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     was_training = model.training
     figures: dict[str, float] = {}
     try:

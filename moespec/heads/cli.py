@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from ..cli import check_overrides, fail
+from ..data.tokenizer import pad_id
 from ..paths import recipes_dir, resolve_inside
 from .controller import MODES, HeadController
 from .data import PromptEncoder, load_examples, read_jsonl
@@ -141,7 +142,7 @@ def apply(cfg: DictConfig) -> dict[str, Any]:
     profile, mode = _profile_and_mode(cfg)
     model, encoder = _load(cfg, None)
     tokenizer = encoder.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out_path = _output(cfg, "output.answers")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as out, HeadController(model, profile, mode=mode):

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
+from ..data.tokenizer import pad_id
 from ..eval.extract import extract_choice
 from .controller import HeadController
 from .data import Example, PromptEncoder
@@ -85,7 +86,7 @@ def evaluate(
     controller = HeadController(model, profile, mode=mode)
     plain, steered = Setting("plain"), Setting(f"heads ({mode})")
     tokenizer = encoder.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     scored = 0
     for index, example in enumerate(
         tqdm(examples, desc="eval", disable=not (progress and sys.stderr.isatty()))

@@ -119,7 +119,7 @@ def _deepspeed_experts_class() -> type:
             if self.post_expert_norm is not None:
                 raw = self.post_expert_norm(raw)
                 combined = (raw.float() * top_k_weights.unsqueeze(-1).float()).sum(dim=1)
-            probe = self.__dict__.get(X.PROBE_ATTR)
+            probe = self.__dict__.get(X.EXPERTS_PROBE_ATTR)
             if probe is not None:
                 probe.observe_choice(
                     top_k_index, top_k_weights, raw if probe.needs_expert_outputs() else None

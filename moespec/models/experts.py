@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 IMPLEMENTATION = "moespec"
-PROBE_ATTR = "_moespec_probe"  # plain attribute of an experts module: its probe
+EXPERTS_PROBE_ATTR = "_moespec_experts_probe"  # plain attribute of an experts module: its probe
 _FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
 
@@ -118,7 +118,7 @@ def moespec_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """The ``"moespec"`` entry of ``ExpertsInterface``: one expert pass, outputs to the probe."""
-    probe = self.__dict__.get(PROBE_ATTR)
+    probe = self.__dict__.get(EXPERTS_PROBE_ATTR)
     if probe is None:
         return own_implementation(self, None)(self, hidden_states, top_k_index, top_k_weights)
     if not probe.needs_expert_outputs():

@@ -30,14 +30,12 @@ from ..routing import (
 )
 from ..routing.router import ATTACHED_ROUTER_ATTR
 from . import experts as X
-from .lora import base_module
 from .probe import HFRouterProbe
 from .specs import COVERED_MODEL_TYPES, MoESpec, spec_for
 
 logger = logging.getLogger("moespec")
 
 SUPPORTED_MODEL_TYPES = COVERED_MODEL_TYPES
-PROBE_ATTR = ATTACHED_ROUTER_ATTR  # plain (unregistered) attribute of a block holding its probe
 _HOOK_GROUP = "moespec.hf"
 
 
@@ -49,17 +47,6 @@ def model_type_of(model: nn.Module) -> str:
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     return str(getattr(config, "model_type", "?"))
-
-
-def _gate_of(block: nn.Module) -> nn.Module:
-    """The block's router module that holds a weight (``gate`` or ``router``)."""
-    for attr in ("gate", "router"):
-        gate = base_module(getattr(block, attr, None))
-        if isinstance(gate, nn.Module) and isinstance(getattr(gate, "weight", None), torch.Tensor):
-            return gate
-    raise ValueError(
-        f"{type(block).__name__} has no router module with a weight; expected 'gate' or 'router'"
-    )
 
 
 def _custom_experts(model: nn.Module) -> list[str]:
@@ -140,9 +127,9 @@ class AttachHandle:
             return
         self._registry.remove_all()
         for p in self.probes:
-            if p.block.__dict__.get(PROBE_ATTR) is p:
-                del p.block.__dict__[PROBE_ATTR]
-            p.experts.__dict__.pop(X.PROBE_ATTR, None)
+            if p.block.__dict__.get(ATTACHED_ROUTER_ATTR) is p:
+                del p.block.__dict__[ATTACHED_ROUTER_ATTR]
+            p.experts.__dict__.pop(X.EXPERTS_PROBE_ATTR, None)
         for config, previous in reversed(self._implementations):
             config._experts_implementation = previous
         self._implementations = []
@@ -169,7 +156,7 @@ def attach(
     X.register()
     model_type, spec, blocks = moe_blocks(model)
     for _, block in blocks:
-        if PROBE_ATTR in block.__dict__:
+        if ATTACHED_ROUTER_ATTR in block.__dict__:
             raise ValueError(
                 f"{type(block).__name__} already has moespec attached; detach the first handle"
             )
@@ -189,8 +176,10 @@ def attach(
             )
     for probe in probes:
         registry.add_forward(_HOOK_GROUP, probe.gate, _make_router_hook(probe))
-        object.__setattr__(probe.block, PROBE_ATTR, probe)  # unregistered: not in state_dict
-        object.__setattr__(probe.experts, X.PROBE_ATTR, probe)
+        object.__setattr__(
+            probe.block, ATTACHED_ROUTER_ATTR, probe
+        )  # unregistered: not in state_dict
+        object.__setattr__(probe.experts, X.EXPERTS_PROBE_ATTR, probe)
     for config, _ in handle._implementations:
         config._experts_implementation = X.IMPLEMENTATION
     handle.train(model.training)
@@ -334,7 +323,7 @@ def save_hf_model(model: nn.Module, out_dir: str | os.PathLike, **kwargs: Any) -
 
 
 __all__ = [
-    "PROBE_ATTR",
+    "ATTACHED_ROUTER_ATTR",
     "SUPPORTED_MODEL_TYPES",
     "AttachHandle",
     "HFRouterProbe",

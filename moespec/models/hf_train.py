@@ -33,7 +33,7 @@ from .hf import (
     load_hf_model,
     moe_blocks,
 )
-from .lora import apply_lora, lora_gates, plain_name
+from .lora import apply_lora, plain_name
 from .tiny import LMOutput, lm_output
 
 logger = logging.getLogger("moespec")
@@ -337,11 +337,6 @@ def export_step(model_dir: Path) -> int | None:
     return int(step) if step is not None else None
 
 
-# ------------------------------------------------------------------------------ LoRA
-
-_apply_lora, _gates = apply_lora, lora_gates  # the LoRA code lives in moespec.models.lora
-
-
 # ----------------------------------------------------------------------------- build
 
 
@@ -422,7 +417,7 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
             f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed"
         )
     if m.lora.enabled:
-        model = _apply_lora(model, m.lora)
+        model = apply_lora(model, m.lora)
     handle = attach(model, cfg.loss)  # after LoRA, on the final modules
     wrapper = HFCausalLM(model, lora=m.lora.enabled)
     wrapper.handle = handle

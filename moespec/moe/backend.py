@@ -32,7 +32,7 @@ class ExpertOutput:
 
     raw: torch.Tensor  # [T,k,H] each token's k expert outputs before gating (0 where dropped)
     combined: torch.Tensor  # [T,H] the gate-weighted sum of the k outputs
-    dropped: torch.Tensor | None = None  # [T] bool: tokens that lost a route; None: none did
+    dropped_tokens: torch.Tensor | None = None  # [T] bool: tokens that lost a route; None: none
 
 
 class MoEBackend(nn.Module):

@@ -124,7 +124,7 @@ class MoespecMOELayer(MOELayer):
         combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
         # A dropped route has no expert output (it would enter the losses as a zero vector).
         dropped = ~(indices >= 0).all(0) if self.gate.dropped_routes else None
-        return ExpertOutput(raw=raw.transpose(0, 1), combined=combined, dropped=dropped)
+        return ExpertOutput(raw=raw.transpose(0, 1), combined=combined, dropped_tokens=dropped)
 
 
 def _template(hidden_size: int, moe: MoEConfig) -> nn.Module:

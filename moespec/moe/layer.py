@@ -29,14 +29,14 @@ def run_experts(
     """Route ``flat`` [T,H], run ``experts``, record their raw outputs on the router; [T,H]."""
     route = router(flat)
     out = experts(flat, route.idx, route.weights)
-    if out.dropped is None:
+    if out.dropped_tokens is None:
         router.record_expert_outputs(out.raw)
         return out.combined
-    kept = ~out.dropped
+    kept = ~out.dropped_tokens
     router.record_expert_outputs(out.raw[kept], kept=kept)
     if router.track_stats:  # share of tokens that lost a route, per layer and window
         router.stats.window.add(
-            "dropped_tokens", float(out.dropped.float().mean()), "mean", count=len(kept)
+            "dropped_tokens", float(out.dropped_tokens.float().mean()), "mean", count=len(kept)
         )
     return out.combined
 

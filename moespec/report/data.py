@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data.pipeline import render_messages
+from ..data.tokenizer import pad_id
 
 VAL = "val"
 
@@ -132,7 +133,7 @@ def text_batches(
 
     def flush(final: bool) -> Iterator[dict[str, torch.Tensor]]:
         if rows and (final or len(rows) == batch_size):
-            yield _stack(rows, seq_len, int(tokenizer.pad_token_id or eos))
+            yield _stack(rows, seq_len, pad_id(tokenizer))
             rows.clear()
 
     for src in sources:

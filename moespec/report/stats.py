@@ -126,7 +126,7 @@ def layer_summary(
     e = stats.num_experts
     counts = stats.slot_counts
     load = load_fraction(counts.double())
-    co = stats.window.get("cooccurrence")
+    co = stats.window.get("coactivation")
     co = torch.zeros(e, e, dtype=torch.float64) if co is None else co
     tokens = stats.tokens
     sim_count = stats.similarity_count

@@ -80,15 +80,15 @@ def routing_entropy(scores: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 
-def token_set_jaccard(cooccurrence: torch.Tensor) -> float:
+def token_set_jaccard(coactivation: torch.Tensor) -> float:
     """Mean pairwise Jaccard overlap of the experts' token sets.
 
-    ``cooccurrence`` [E,E] counts tokens routed to both i and j (diagonal: tokens of i).
+    ``coactivation`` [E,E] counts tokens routed to both i and j (diagonal: tokens of i).
     """
-    e = cooccurrence.shape[0]
+    e = coactivation.shape[0]
     if e < 2:
         return 0.0
-    c = cooccurrence.float()
+    c = coactivation.float()
     diag = torch.diagonal(c)
     union = diag[:, None] + diag[None, :] - c
     jac = torch.where(union > 0, c / union.clamp_min(1e-30), torch.zeros_like(c))
@@ -257,7 +257,7 @@ class MetricWindow:
 
 
 #: Window entries that feed the derived routing metrics rather than being logged themselves.
-_ROUTING_SUMS = ("tokens", "slot_counts", "cooccurrence", "domain_counts")
+_ROUTING_SUMS = ("tokens", "slot_counts", "coactivation", "domain_counts")
 
 
 class RoutingStats:
@@ -312,7 +312,7 @@ class RoutingStats:
         report: dict[str, Metric] = {
             "tokens": (t, "sum"),
             "slot_counts": (onehot.sum(0), "sum"),
-            "cooccurrence": (onehot.T @ onehot, "sum"),
+            "coactivation": (onehot.T @ onehot, "sum"),
             "variance": (float(s.var(-1, unbiased=True).mean()) if e > 1 else 0.0, "mean", t),
             "routing_entropy": (float(routing_entropy(s).mean()), "mean", t),
         }
@@ -347,7 +347,11 @@ class RoutingStats:
                 f"routing statistics of {state.get('num_experts')} experts cannot continue a "
                 f"window of {self.num_experts}"
             )
-        self.window.load_state_dict(state["window"])
+        window = state["window"]
+        for part in ("values", "counts", "reduce"):  # checkpoints before the rename
+            if "cooccurrence" in window.get(part, {}):
+                window[part]["coactivation"] = window[part].pop("cooccurrence")
+        self.window.load_state_dict(window)
 
     def reductions(self) -> dict[str, str]:
         """How each metric of :meth:`compute` combines over layers: its reported reduction;
@@ -368,7 +372,7 @@ class RoutingStats:
         }
         if self.top_k is not None:
             out.update(relative_load_metrics(counts, self.top_k))
-        if (co := self.window.get("cooccurrence")) is not None:
+        if (co := self.window.get("coactivation")) is not None:
             out["token_overlap"] = token_set_jaccard(co)
         domain = self.domain_counts
         if domain.shape[1] > 0 and domain.sum() > 0:

@@ -134,7 +134,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     checkpointing on with ``trainer.activation_checkpointing``)."""
     model = _build_model(cfg, vocab_size)
     if cfg.trainer.activation_checkpointing:
-        from ..models.checkpointing import enable_activation_checkpointing
+        from ..models.activation_checkpointing import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     return model
