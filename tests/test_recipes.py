@@ -157,3 +157,14 @@ def test_installed_package_carries_every_recipe(tmp_path):
         str(p.relative_to(root / "recipes")) for p in (root / "recipes").rglob("*") if p.is_file()
     }
     assert tree and packed == tree
+
+
+def test_every_router_field_the_readme_names_is_settable():
+    """moe.bias_update_rate reaches the router; a bad value names the recipe key."""
+    from moespec.routing import LossConfig
+
+    cfg = _compose(["moe.score_bias=true", "moe.bias_update_rate=0.05"])
+    assert cfg.moe.router_config(LossConfig()).bias_update_rate == 0.05
+    bad = _compose(["moe.bias_update_rate=-1"])
+    with pytest.raises(ValueError, match="moe.bias_update_rate must be a finite number >= 0"):
+        bad.moe.validate()

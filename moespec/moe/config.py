@@ -24,6 +24,7 @@ class MoEConfig:
     normalize_topk: bool = True
     jitter: float = 0.0
     score_bias: bool = False
+    bias_update_rate: float = 1e-3
     ep_size: int = 1
     capacity_factor: float = 0.0
     drop_tokens: bool = False
@@ -37,6 +38,7 @@ class MoEConfig:
             normalize_topk=self.normalize_topk,
             jitter=self.jitter,
             score_bias=self.score_bias,
+            bias_update_rate=self.bias_update_rate,
             loss=loss,
         )
 

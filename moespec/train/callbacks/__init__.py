@@ -4,8 +4,8 @@ A callback sees the :class:`~moespec.train.trainer.Trainer` at a few points of t
 (:class:`Callback`); what it must carry over a stop and resume it returns from ``state_dict``.
 """
 
-from .checkpointing import Checkpointing
 from .base import Callback, MicroBatch
+from .checkpointing import Checkpointing
 from .collapse import CollapseAlarm
 from .eval_sets import EvalSets
 from .evaluation import Evaluation, evaluate
