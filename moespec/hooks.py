@@ -267,8 +267,10 @@ def find_attention_output_projections(model: nn.Module) -> list[AttentionOutput]
     return found
 
 
-_EXPERTS_FLAGS = ("is_concatenated", "is_transposed", "has_gate", "_apply_gate")
-_ROUTER_NAMES = ("gate", "router")
+#: attributes that mark experts declared with ``use_experts_implementation``
+_EXPERTS_MARKERS = ("is_concatenated", "is_transposed", "has_gate", "_apply_gate")
+#: where a transformers MoE block keeps its router (the default of ``models.specs.MoESpec``)
+ROUTER_NAMES = ("gate", "router")
 
 
 def base_module(module: Any) -> Any:
@@ -282,7 +284,7 @@ def is_hf_experts(module: object) -> bool:
     """True for experts declared with transformers' ``use_experts_implementation`` (v5),
     also when peft wraps them (LoRA on the fused expert weights)."""
     module = base_module(module)
-    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in _EXPERTS_FLAGS)
+    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in _EXPERTS_MARKERS)
 
 
 def is_moe_block(module: nn.Module) -> bool:
@@ -291,7 +293,7 @@ def is_moe_block(module: nn.Module) -> bool:
         return True
     if not is_hf_experts(getattr(module, "experts", None)):
         return False
-    return any(isinstance(getattr(module, a, None), nn.Module) for a in _ROUTER_NAMES)
+    return any(isinstance(getattr(module, a, None), nn.Module) for a in ROUTER_NAMES)
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -22,10 +22,9 @@ from torch import nn
 from ..hooks import find_moe_blocks
 from . import experts as X
 from .hf import model_type_of
+from .specs import EXPERTS_LAYOUT_FLAGS
 
 logger = logging.getLogger("moespec")
-
-_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
 
 def _first_proj(experts: nn.Module) -> str:
@@ -96,7 +95,7 @@ def _deepspeed_experts_class() -> type:
             for i, e in enumerate(self.local_expert_ids()):
                 local.deepspeed_experts[i].load_from(experts, e)
             self.deepspeed_moe.experts.to(experts.down_proj.dtype)  # the loaded model's dtype
-            for flag in _FLAGS:
+            for flag in EXPERTS_LAYOUT_FLAGS:
                 setattr(self, flag, getattr(experts, flag))
             self._is_expert_parallel = False  # transformers' own expert parallelism: not used
             # one norm for all experts (not an expert parameter), on each token's home rank

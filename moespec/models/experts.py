@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .specs import EXPERTS_LAYOUT_FLAGS
+
 IMPLEMENTATION = "moespec"
 EXPERTS_PROBE_ATTR = "_moespec_experts_probe"  # plain attribute of an experts module: its probe
-_FLAGS = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
 
 
 def _moe_module() -> Any:
@@ -67,7 +68,7 @@ def own_implementation(experts: nn.Module, name: str | None) -> Callable[..., to
 
 def check_experts(experts: nn.Module, where: str) -> None:
     """Refuse experts whose layout flags moespec's implementation does not know."""
-    missing = [f for f in _FLAGS if not hasattr(experts, f)]
+    missing = [f for f in EXPERTS_LAYOUT_FLAGS if not hasattr(experts, f)]
     if missing:
         raise ValueError(
             f"{where}.experts ({type(experts).__name__}) lacks the layout flags {missing}; "

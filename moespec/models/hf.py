@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import HookRegistry, find_moe_blocks, is_hf_experts
+from ..hooks import ROUTER_NAMES, HookRegistry, find_moe_blocks, is_hf_experts
 from ..routing import (
     CollectedLosses,
     LossConfig,
@@ -54,7 +54,7 @@ def _custom_experts(model: nn.Module) -> list[str]:
     out = []
     for name, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
-        routed = any(isinstance(getattr(mod, a, None), nn.Module) for a in ("gate", "router"))
+        routed = any(isinstance(getattr(mod, a, None), nn.Module) for a in ROUTER_NAMES)
         if routed and isinstance(experts, nn.Module) and not is_hf_experts(experts):
             out.append(f"{name}.experts ({type(experts).__name__})")
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import find_moe_blocks
+from ..hooks import ROUTER_NAMES, find_moe_blocks
 
 SMALL: dict[str, Any] = {
     "vocab_size": 64,
@@ -267,7 +267,7 @@ def tiny_moe_model(model_type: str, seed: int = 0, **overrides: Any) -> nn.Modul
     model = causal_lm_class(config)._from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for _, block in find_moe_blocks(model):
-            for attr in ("gate", "router"):
+            for attr in ROUTER_NAMES:
                 router = getattr(block, attr, None)
                 if isinstance(router, nn.Module):
                     for p in router.parameters():

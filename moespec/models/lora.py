@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..hooks import base_module, find_moe_blocks
+from ..hooks import ROUTER_NAMES, base_module, find_moe_blocks
 
 logger = logging.getLogger("moespec")
 
@@ -51,7 +51,7 @@ def plain_name(key: str) -> str:
 
 
 def _gate_name(block: nn.Module) -> str | None:
-    for attr in ("gate", "router"):
+    for attr in ROUTER_NAMES:
         gate = base_module(getattr(block, attr, None))
         if isinstance(gate, nn.Module) and isinstance(getattr(gate, "weight", None), nn.Parameter):
             return attr

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..hooks import is_hf_experts
+from ..hooks import ROUTER_NAMES, is_hf_experts
 
 _MISSING = object()
 
@@ -31,7 +31,7 @@ class MoESpec:
     (``config.output_router_logits``).
     """
 
-    router: tuple[str, ...] = ("gate", "router")
+    router: tuple[str, ...] = ROUTER_NAMES
     router_output: str = "logits"  # "logits" | "probs"
     score_func: str | None = None
     correction_bias: tuple[str, ...] = ("e_score_correction_bias",)
@@ -57,6 +57,16 @@ SPECS: dict[str, MoESpec] = {
     "gemma4": MoESpec(router_output="probs"),
     "diffusion_gemma": MoESpec(router_output="probs"),
 }
+
+
+#: the layout flags of a transformers experts class that moespec's experts implementation reads
+EXPERTS_LAYOUT_FLAGS = (
+    "is_concatenated",
+    "is_transposed",
+    "has_bias",
+    "has_gate",
+    "has_post_expert_norm",
+)
 
 
 def spec_for(model_type: str) -> MoESpec:
