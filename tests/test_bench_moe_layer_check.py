@@ -4,12 +4,9 @@ moespec's layer on the tokens both route alike, and a wrong layer is still refus
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

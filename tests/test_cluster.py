@@ -15,8 +15,8 @@ import torch
 
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch_cluster.sh"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 

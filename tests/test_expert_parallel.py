@@ -2,15 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig, collect_router_losses
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "ep_layer.py"
 HIDDEN, FFN, EXPERTS, TOP_K, TOKENS, WORLD = 16, 24, 4, 2, 24, 2
 

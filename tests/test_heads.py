@@ -29,20 +29,10 @@ from moespec.heads import (
     select_heads,
 )
 from moespec.hooks import count_hooks, find_attention_output_projections
+from tests.common import DENSE_TEXT
 
 IMG = 100
-TEXT = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TEXT = DENSE_TEXT
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
 VL_IDS = dict(
     image_token_id=IMG, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103

@@ -24,6 +24,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from moespec.heads import HeadProfile
 from moespec.heads.cli import config_dir, main, run
 from moespec.heads.data import ExampleError, PromptEncoder, load_examples, parse_example
+from tests.common import DENSE_TEXT
 
 WORDS = [
     "what",
@@ -100,18 +101,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-TEXT = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TEXT = {**DENSE_TEXT, "vocab_size": 64}
 
 
 @pytest.fixture(scope="module")

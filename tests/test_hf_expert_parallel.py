@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,7 @@ from moespec.hooks import find_moe_blocks  # noqa: E402
 from moespec.models.expert_parallel import convert_expert_parallel  # noqa: E402
 from moespec.models.hf_tiny import tiny_moe_model  # noqa: E402
 from moespec.moe import MoEConfig  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "glm4_moe", "qwen3_moe", "muse_spark_text"])

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from moespec.models.hf import load_hf_model
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "model" / "configs" / "qwen3_moe_tiny.json"
 FAST = [
     "experiment=qwen3_moe_tiny", "trainer.max_steps=2", "trainer.log_every=2",

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
+
+WORKERS = ROOT / "tests" / "workers"
+
 FAST = [
     "loss=specialization",
     "trainer.max_steps=3",
@@ -26,20 +28,6 @@ FAST = [
     "wandb.enabled=false",
 ]
 VOCAB = 1024
-
-# Runs in a fresh interpreter: plain transformers only (fails if moespec gets imported).
-PLAIN_LOGITS = textwrap.dedent(
-    """
-    import sys, torch
-    from transformers import AutoModelForCausalLM
-    ids = torch.load(sys.argv[1])
-    for model_dir, out in zip(sys.argv[2::2], sys.argv[3::2]):
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        with torch.no_grad():
-            torch.save(model(input_ids=ids, use_cache=False).logits, out)
-    assert not any(m.startswith("moespec") for m in sys.modules), "moespec was imported"
-    """
-)
 
 
 def _ids(tmp_path: Path) -> tuple[torch.Tensor, Path]:
@@ -55,7 +43,7 @@ def plain_logits(model_dirs: list[Path], tmp_path: Path) -> list[torch.Tensor]:
     outs = [tmp_path / f"plain{i}.pt" for i in range(len(model_dirs))]
     args = [a for d, o in zip(model_dirs, outs, strict=True) for a in (str(d), str(o))]
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOGITS, str(ids_path), *args],
+        [sys.executable, str(WORKERS / "plain_logits.py"), str(ids_path), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -164,54 +152,18 @@ def test_lora_trains_router_and_exports_merged(run_train, tmp_path):
     assert not torch.equal(exported[q], init[q.replace("q_proj.", "q_proj.base_layer.")])
 
 
-EP_CHECK = textwrap.dedent(
-    """
-    import sys, torch
-    from moespec.train.config import TrainConfig
-    from moespec.train.trainer import init_distributed
-    from moespec.models.hf_train import build_hf_model
-    from omegaconf import OmegaConf
-
-    init_distributed()
-    base = {"model": {"type": "hf", "config": "model/configs/" + sys.argv[1] + "_tiny.json"}}
-    ep = OmegaConf.merge(base, {"moe": {"backend": "deepspeed", "ep_size": 1}})
-    models = []
-    for recipe in (base, ep):  # the same seed: the same model before conversion
-        torch.manual_seed(0)
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), recipe))
-        model = build_hf_model(cfg)
-        for name, buf in model.named_buffers():  # DeepSeek-V3: selection uses the bias
-            if name.endswith("e_score_correction_bias"):
-                g = torch.Generator().manual_seed(3)
-                buf.copy_(0.3 * torch.randn(buf.shape, generator=g))
-        models.append(model.eval())
-    ref, conv = models
-    kinds = {type(p.block.experts).__name__ for p in conv.handle.probes}
-    assert kinds == {"HFExpertParallelExperts"}, kinds
-    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(conv(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-        state = conv.plain_state_dict()
-    plain = ref.hf_model.state_dict()
-    assert set(state) == set(plain), set(state) ^ set(plain)
-    for k, v in plain.items():
-        torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
-    print("ok", sys.argv[1])
-    """
-)
-
-
 @pytest.mark.parametrize(
     "arch", ["qwen3_moe", "deepseek_v3", pytest.param("mixtral", marks=pytest.mark.slow)]
 )
 def test_expert_parallel_block_matches_hf_block(train_env, arch):
-    _run_check(EP_CHECK, arch, train_env)
+    _run_check("ep_block_check.py", arch, train_env)
 
 
-def _run_check(script: str, arch: str, env: dict[str, str]) -> None:
-    """Run a check script in a fresh interpreter (DeepSpeed MoE needs a process group)."""
+def _run_check(worker: str, arch: str, env: dict[str, str]) -> None:
+    """Run a worker of tests/workers in a fresh interpreter (DeepSpeed MoE needs a process
+    group)."""
     proc = subprocess.run(
-        [sys.executable, "-c", script, arch],
+        [sys.executable, str(WORKERS / worker), arch],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -239,36 +191,10 @@ def test_resume_keeps_calibrated_weights(run_train, read_metrics, tmp_path):
         assert len(values) == 1 and math.isfinite(values.pop()), key
 
 
-EP_TOP1_CHECK = textwrap.dedent(
-    """
-    import copy, sys, torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from moespec.models.expert_parallel import convert_expert_parallel
-    from moespec.moe import MoEConfig
-    from moespec.train.trainer import init_distributed
-
-    init_distributed()
-    arch = sys.argv[1]
-    cfg = AutoConfig.from_pretrained("recipes/model/configs/" + arch + "_tiny.json")
-    cfg.num_experts_per_tok = 1
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    conv = copy.deepcopy(model)
-    convert_expert_parallel(conv, MoEConfig(backend="deepspeed"))
-    x = torch.randint(0, cfg.vocab_size, (2, 6))
-    with torch.no_grad():
-        torch.testing.assert_close(conv(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
-    print("ok", arch)
-    """
-)
-
-
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "olmoe"])
 def test_expert_parallel_block_top1_matches_hf_block(train_env, arch):
     """With one expert per token the expert-parallel experts give the block's output."""
-    _run_check(EP_TOP1_CHECK, arch, train_env)
+    _run_check("ep_top1_check.py", arch, train_env)
 
 
 def test_hf_gates_get_no_weight_decay(tmp_path):

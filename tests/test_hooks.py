@@ -64,35 +64,11 @@ def test_discovery_on_tiny_model():
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3"])
 def test_discovery_on_hf_moe_models(arch):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    kw = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_local_experts=4,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-        head_dim=8,
-    )
-    if arch == "deepseek_v3":
-        kw.update(
-            first_k_dense_replace=0,
-            n_group=1,
-            topk_group=1,
-            q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_rope_head_dim=4,
-            qk_nope_head_dim=4,
-            v_head_dim=8,
-        )
-    cfg = AutoConfig.for_model(arch, **kw)
+    from moespec.models.hf_tiny import tiny_config
+
+    cfg = tiny_config(arch, num_attention_heads=4)
     model = AutoModelForCausalLM.from_config(cfg)
     blocks = find_moe_blocks(model)
     assert len(blocks) == 2, [type(m).__name__ for _, m in blocks]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from moespec.routing.metrics import MetricWindow, RoutingStats
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
 
 
 def test_sum_mean_max_and_counts():

@@ -17,8 +17,8 @@ import torch
 
 from moespec.train import checkpoint as ckpt
 from moespec.train.launch import deepspeed_launcher, free_port
+from tests.common import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "experiment=smoke",
     "trainer.progress=false",

@@ -16,8 +16,7 @@ import pytest
 
 from moespec.data import synth
 from moespec.eval import extract
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
 
 # Independent references: a pattern for each kind of prompt and the answer computed from the
 # numbers and words read back out of it (no code of the generator involved).

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.common import ROOT
+
 WORKER = ROOT / "tests" / "workers" / "train_window.py"
 EXAMPLE = ROOT / "examples" / "entropy_loss.py"
 
