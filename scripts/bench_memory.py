@@ -63,8 +63,9 @@ def worker(spec: dict, out: Path) -> None:
     from omegaconf import OmegaConf
 
     from moespec.routing import clear_router_losses, collect_router_losses
+    from moespec.train.builders import build_engine
     from moespec.train.config import TrainConfig
-    from moespec.train.trainer import build_engine, init_distributed
+    from moespec.train.launch import init_distributed
 
     rank, _ = init_distributed()
     cuda = spec.pop("device") == "cuda" and torch.cuda.is_available()

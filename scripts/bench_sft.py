@@ -33,8 +33,10 @@ from moespec.data.build import build_data
 from moespec.data.synth import write_task
 from moespec.paths import recipes_dir
 from moespec.routing import iter_routers
+from moespec.train.builders import build_engine
 from moespec.train.config import TrainConfig, register_configs
-from moespec.train.trainer import Trainer, build_engine, init_distributed
+from moespec.train.launch import init_distributed
+from moespec.train.trainer import Trainer
 
 SECTION = "SFT packing (scripts/bench_sft.py)"
 

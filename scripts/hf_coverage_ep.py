@@ -41,7 +41,7 @@ def _loss(model, handle, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _engine(model):
     import deepspeed
 
-    from moespec.train.trainer import optimizer_groups
+    from moespec.train.builders import optimizer_groups
 
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
     config = {
@@ -89,7 +89,7 @@ def check_ep(model_type: str, rank: int, world: int) -> list[float]:
 
 
 def main() -> None:
-    from moespec.train.trainer import init_distributed
+    from moespec.train.launch import init_distributed
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)

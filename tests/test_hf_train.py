@@ -199,8 +199,8 @@ def test_expert_parallel_block_top1_matches_hf_block(train_env, arch):
 
 def test_hf_gates_get_no_weight_decay(tmp_path):
     from moespec.models.hf_train import build_hf_model
+    from moespec.train.builders import optimizer_groups
     from moespec.train.config import TrainConfig
-    from moespec.train.trainer import optimizer_groups
 
     cfg = OmegaConf.merge(
         OmegaConf.structured(TrainConfig),

@@ -112,7 +112,7 @@ def test_probe_losses_with_adapters_equal_the_merged_model(tmp_path):
 )
 def test_bad_lora_settings_are_refused(lora, extra, match):
     if extra:
-        from moespec.train.trainer import init_distributed
+        from moespec.train.launch import init_distributed
 
         init_distributed()
     with pytest.raises(ValueError, match=match):

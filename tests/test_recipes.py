@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moespec.paths import recipes_dir
+from moespec.train.builders import deepspeed_config
 from moespec.train.config import TrainConfig, register_configs
-from moespec.train.trainer import deepspeed_config
 
 EXPERIMENTS = sorted(p.stem for p in (recipes_dir() / "experiment").glob("*.yaml"))
 

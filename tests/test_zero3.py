@@ -65,7 +65,7 @@ def _cfg(**node):
     ],
 )
 def test_zero3_refuses_what_deepspeed_cannot_do(node, match):
-    from moespec.train.trainer import TrainingError, deepspeed_config
+    from moespec.train.builders import TrainingError, deepspeed_config
 
     with pytest.raises(TrainingError, match=match):
         deepspeed_config(_cfg(**node))

@@ -74,10 +74,11 @@ def _shared_run_dir(argv: list[str]) -> list[str]:
 @hydra.main(version_base=None, config_path=str(recipes_dir()), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from ..moe.backend import BackendUnavailableError
+    from .builders import TrainingError, refuse_ignored_keys
     from .checkpoint import CheckpointSaveError
     from .config import TrainConfig
     from .preempt import Preempted
-    from .trainer import TrainingError, refuse_ignored_keys, train
+    from .trainer import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     logging.basicConfig(
@@ -131,8 +132,8 @@ def check_recipe(overrides: list[str]) -> None:
     if flags:
         fail(f"--check takes overrides only, not {' '.join(flags)}")
     cfg = check_overrides(overrides, recipes_dir(), "train")
+    from .builders import TrainingError, check_run_data, refuse_ignored_keys, validate_recipe
     from .config import TrainConfig
-    from .trainer import TrainingError, check_run_data, refuse_ignored_keys, validate_recipe
 
     try:
         typed: TrainConfig = OmegaConf.to_object(cfg)

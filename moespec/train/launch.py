@@ -8,6 +8,9 @@ import socket
 import sys
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 
 def free_port() -> int:
     """A TCP port on localhost that is free now (for ``MASTER_PORT``)."""
@@ -65,3 +68,28 @@ def unlink_shm_allreduce_buffer(rank: int) -> None:
     )
     with contextlib.suppress(FileNotFoundError):
         (Path("/dev/shm") / name).unlink()
+
+
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA).
+
+    ``timeout_s`` bounds every collective of the process group: a rank left waiting for one
+    that died raises instead of hanging.
+    """
+    from datetime import timedelta
+
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        if backend == "gloo":
+            if dist.get_world_size() > 1:
+                dist.barrier()  # every rank has mapped every rank's buffer
+            unlink_shm_allreduce_buffer(dist.get_rank())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()

@@ -82,14 +82,9 @@ def load_model(target: Path, overrides: list[str], *, with_data: bool = True) ->
     """
     import torch.distributed as dist
 
+    from .builders import build_engine, build_run_data, data_tokenizer, validate_recipe
     from .config import register_configs
-    from .trainer import (
-        build_engine,
-        build_run_data,
-        data_tokenizer,
-        init_distributed,
-        validate_recipe,
-    )
+    from .launch import init_distributed
 
     register_configs()
     chosen = None

@@ -9,7 +9,7 @@ import torch
 from moespec.models.tiny import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
 from moespec.routing import LossConfig, collect_router_losses, iter_routers
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 
 def build(backend: str) -> TinyMoELM:

@@ -17,9 +17,10 @@ from omegaconf import OmegaConf
 
 from moespec.train import checkpoint as ckpt
 from moespec.train import faults, safe_load
+from moespec.train.builders import build_engine
 from moespec.train.config import TrainConfig
+from moespec.train.launch import init_distributed
 from moespec.train.safe_load import CheckpointFileError
-from moespec.train.trainer import build_engine, init_distributed
 
 SMOKE = {
     "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_seq_len": 16}},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig
 from moespec.routing import losses as L
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 HIDDEN, FFN, EXPERTS, TOP_K, TOKENS, CAPACITY_FACTOR = 16, 24, 4, 2, 40, 0.75
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from moespec.models.hf_train import build_hf_model
 from moespec.train.config import TrainConfig
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 init_distributed()
 base = {"model": {"type": "hf", "config": "model/configs/" + sys.argv[1] + "_tiny.json"}}

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from moespec.moe import MoEConfig, build_moe_layer
 from moespec.routing import LossConfig, collect_router_losses
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 HIDDEN, FFN, EXPERTS, TOP_K, TOKENS = 16, 24, 4, 2, 24
 

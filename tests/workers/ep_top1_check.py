@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moespec.models.expert_parallel import convert_expert_parallel
 from moespec.moe import MoEConfig
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 init_distributed()
 arch = sys.argv[1]

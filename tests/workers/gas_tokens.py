@@ -11,9 +11,11 @@ import torch
 from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
 from moespec.routing import LossConfig
+from moespec.train.builders import deepspeed_config
 from moespec.train.config import TrainConfig
 from moespec.train.guard import StepGuard
-from moespec.train.trainer import Trainer, deepspeed_config, init_distributed
+from moespec.train.launch import init_distributed
+from moespec.train.trainer import Trainer
 
 GAS, ROWS, SEQ = 4, 2, 8
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from moespec.routing import LossConfig, Router, RouterConfig
-from moespec.train.trainer import init_distributed
+from moespec.train.launch import init_distributed
 
 HIDDEN, EXPERTS, TOP_K, TOKENS = 12, 6, 2, 20
 

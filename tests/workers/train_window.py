@@ -15,7 +15,8 @@ from moespec.cli import check_overrides
 from moespec.paths import recipes_dir
 from moespec.train.callbacks import Callback
 from moespec.train.config import register_configs
-from moespec.train.trainer import init_distributed, train
+from moespec.train.launch import init_distributed
+from moespec.train.trainer import train
 
 
 class Recorder(Callback):
