@@ -167,7 +167,8 @@ def check_references(es: EvalSet) -> None:
         method, kw = extraction_for(es.cfg, domain)
         if extract(ref, method, **kw) is not None:
             continue
-        works = [m for m in ("gsm8k", "last_number", "choice") if _reads_all(es.references, m)]
+        plain = [m for m in METHODS if m != "regex"]  # regex needs a pattern of the user's
+        works = [m for m in plain if _reads_all(es.references, m)]
         hint = (
             f"eval.sets.{es.name}.extract={works[0]} reads an answer from every reference"
             if works
