@@ -29,6 +29,7 @@ from moespec.models.upcycle import upcycle  # noqa: E402
 from moespec.routing import LossConfig  # noqa: E402
 from moespec.routing import losses as L  # noqa: E402
 from moespec.routing.router import ATTACHED_ROUTER_ATTR  # noqa: E402
+from tests.common import ROOT  # noqa: E402
 
 VOCAB = 64
 COMMON = dict(
@@ -287,21 +288,15 @@ def test_saved_model_loads_without_moespec(tmp_path) -> None:
         torch.save(model(ids).logits, tmp_path / "ref.pt")
         save_hf_model(model, tmp_path / "m")
     torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"d = {str(tmp_path)!r}\n"
-        "m = AutoModelForCausalLM.from_pretrained(d + '/m', dtype=torch.float32).eval()\n"
-        "with torch.no_grad():\n"
-        "    out = m(torch.load(d + '/ids.pt')).logits\n"
-        "assert 'moespec' not in sys.modules\n"
-        "print(float((out - torch.load(d + '/ref.pt')).abs().max()))\n"
-    )
+    worker = ROOT / "tests" / "workers" / "plain_logits.py"  # plain transformers, no moespec
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
+        [sys.executable, str(worker), str(tmp_path / "ids.pt"), str(tmp_path / "m"),
+         str(tmp_path / "plain.pt")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert float(res.stdout.strip().splitlines()[-1]) <= 1e-5
+    plain, ref = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "ref.pt")
+    torch.testing.assert_close(plain, ref, rtol=0, atol=1e-5)
 
 
 def test_load_from_config_json(tmp_path) -> None:

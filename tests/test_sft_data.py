@@ -531,119 +531,161 @@ def test_length_grouped_batches(tmp_path):
     assert epoch(plain) != first
 
 
-def test_bad_input_errors(tmp_path, base_tok):
-    tok = make_tok(base_tok, CHATML)
-    plain_tok = make_tok(base_tok)
-
-    def fails(rows, match, tokenizer=tok, **kw):
-        src = write_jsonl(tmp_path / f"bad{abs(hash(match))}.jsonl", rows)
-        with pytest.raises(ValueError, match=match) as err:
-            build_data(cfg(tmp_path, src, **kw), tokenizer=tokenizer)
-        assert "\n" not in str(err.value)
-
-    pc = {"format": "prompt_completion"}
-    fails(
+OK_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+PC = {"format": "prompt_completion"}
+CHAT = {"format": "chat"}
+TEMPLATED = {
+    "format": "prompt_completion",
+    "prompt_template": "{instruction}{input}",
+    "completion_field": "output",
+}
+#: (rows, the error it must give, tokenizer: chatml / plain / unstable, data.* settings)
+BAD_ROWS = {
+    "no completion column": (
         [{"prompt": "a"}],
-        r"bad\d+\.jsonl: data\.completion_field column 'completion' not found "
-        r"\(data.format=prompt_completion\); "
-        r"available columns: \['prompt'\]",
-        **pc,
-    )
-    rows = [{"prompt": "a", "completion": "b"}] * 3 + [{"prompt": "c", "answer": "d"}]
-    fails(
-        rows,
-        r"bad\d+\.jsonl row 3: no completion field 'completion' \(data.completion_field\); "
+        r"bad\.jsonl: data\.completion_field column 'completion' not found "
+        r"\(data.format=prompt_completion\); available columns: \['prompt'\]",
+        "chatml",
+        PC,
+    ),
+    "a row without completion": (
+        [{"prompt": "a", "completion": "b"}] * 3 + [{"prompt": "c", "answer": "d"}],
+        r"bad\.jsonl row 3: no completion field 'completion' \(data.completion_field\); "
         r"the row has: \['answer', 'prompt'\]",
-        **pc,
-    )
-    fails(
+        "chatml",
+        PC,
+    ),
+    "completion not a string": (
         [{"prompt": "a", "completion": 3}],
         "row 0: data.completion_field 'completion' is a int",
-        **pc,
-    )
-    fails(
+        "chatml",
+        PC,
+    ),
+    "template column missing": (
         [{"instruction": "a", "output": "b"}],
         r"data.prompt_template column 'input' not found",
-        format="prompt_completion",
-        prompt_template="{instruction}{input}",
-        completion_field="output",
-    )
-    fails(
+        "chatml",
+        TEMPLATED,
+    ),
+    "template value missing": (
         [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "a", "output": "c"}],
         r"row 1: data.prompt_template '\{instruction\}\{input\}' cannot be formatted "
         r"\(no value for 'input'\); the row has: \['instruction', 'output'\]",
-        format="prompt_completion",
-        prompt_template="{instruction}{input}",
-        completion_field="output",
-    )
-    chat = {"format": "chat"}
-    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    fails([ok, {"messages": []}], "row 1: empty conversation", **chat)
-    fails(
-        [ok, {"messages": [{"role": "user", "content": "hi"}]}],
+        "chatml",
+        TEMPLATED,
+    ),
+    "empty conversation": (
+        [OK_CHAT, {"messages": []}],
+        "row 1: empty conversation",
+        "chatml",
+        CHAT,
+    ),
+    "no assistant turn": (
+        [OK_CHAT, {"messages": [{"role": "user", "content": "hi"}]}],
         r"row 1: conversation has no assistant turn.*\['user'\]",
-        **chat,
-    )
-    fails(
+        "chatml",
+        CHAT,
+    ),
+    "sharegpt keys": (
         [{"messages": [{"from": "human", "value": "hi"}]}],
         "row 0: message 0 is not a role/content dict",
-        **chat,
-    )
-    fails([{"messages": ["hi", "yo"]}], "row 0: message 0 is not a role/content dict", **chat)
-    fails(
-        [ok], "data.format=chat needs a tokenizer with a chat template", tokenizer=plain_tok, **chat
-    )
-    fails(
-        [ok],
+        "chatml",
+        CHAT,
+    ),
+    "messages as strings": (
+        [{"messages": ["hi", "yo"]}],
+        "row 0: message 0 is not a role/content dict",
+        "chatml",
+        CHAT,
+    ),
+    "chat without template": (
+        [OK_CHAT],
+        "data.format=chat needs a tokenizer with a chat template",
+        "plain",
+        CHAT,
+    ),
+    "auto chat without template": (
+        [OK_CHAT],
         r"data.format=auto \(the data is read as chat\) needs a tokenizer with a chat template",
-        tokenizer=plain_tok,
-        format="auto",
-    )
-    fails(
-        [ok],
+        "plain",
+        {"format": "auto"},
+    ),
+    "use_chat_template without template": (
+        [OK_CHAT],
         "data.use_chat_template=true needs a tokenizer with a chat template",
-        tokenizer=plain_tok,
-        format="prompt_completion",
-        use_chat_template=True,
-    )
-    fails([{"text": "a"}], "data.messages_field column 'messages' not found", **chat)
-    multi = [{"messages": conversations()[1]}]
-    fails(
-        multi,
+        "plain",
+        {**PC, "use_chat_template": True},
+    ),
+    "no messages column": (
+        [{"text": "a"}],
+        "data.messages_field column 'messages' not found",
+        "chatml",
+        CHAT,
+    ),
+    "template not prefix-stable": (
+        [{"messages": conversations()[1]}],
         r"row 0: cannot locate the assistant tokens: the chat template renders messages\[:2\] "
         r"with the generation prompt differently when later turns follow "
         r"\(it is not prefix-stable\)",
-        tokenizer=make_tok(base_tok, UNSTABLE),
-        **chat,
-    )
-    fails([ok], "no training example left of 1: 1 longer than data.seq_len=2", seq_len=2, **chat)
+        "unstable",
+        CHAT,
+    ),
+    "every example too long": (
+        [OK_CHAT],
+        "no training example left of 1: 1 longer than data.seq_len=2",
+        "chatml",
+        {**CHAT, "seq_len": 2},
+    ),
+}
 
+
+@pytest.mark.parametrize(
+    ("rows", "match", "tokenizer", "settings"), BAD_ROWS.values(), ids=BAD_ROWS
+)
+def test_bad_rows_are_one_line_errors(tmp_path, base_tok, rows, match, tokenizer, settings):
+    template = {"chatml": CHATML, "plain": None, "unstable": UNSTABLE}[tokenizer]
+    src = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=match) as err:
+        build_data(cfg(tmp_path, src, **settings), tokenizer=make_tok(base_tok, template))
+    assert "\n" not in str(err.value)
+
+
+def test_text_and_chat_sources_do_not_mix(tmp_path, base_tok):
     text_src = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
-    chat_src = write_jsonl(tmp_path / "c.jsonl", [ok])
+    chat_src = write_jsonl(tmp_path / "c.jsonl", [OK_CHAT])
     with pytest.raises(
         ValueError, match=r"t.jsonl: text, c.jsonl: chat\); plain text cannot be mixed"
     ):
-        build_data(cfg(tmp_path, f"{text_src},{chat_src}", format="auto"), tokenizer=tok)
-    for key, value, match in [
-        (
-            "format",
-            "xml",
-            "data.format must be one of text, prompt_completion, chat, auto; got 'xml'",
-        ),
-        ("train_on", "prompt", "data.train_on must be one of assistant, all; got 'prompt'"),
-        ("truncation", "cut", "data.truncation must be one of drop, truncate; got 'cut'"),
-        ("prompt_template", "{question", "data.prompt_template='{question' is not a format string"),
-        (
-            "prompt_template",
-            "Question:",
-            "data.prompt_template='Question:' must name the row's columns",
-        ),
-        ("prompt_template", "{0}", "positional fields"),
-        ("completion_field", "", "data.completion_field must be a column name"),
-        ("packing", "yes", "data.packing must be true or false"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            validate_data_config(cfg(tmp_path, text_src, **{key: value}))
+        build_data(
+            cfg(tmp_path, f"{text_src},{chat_src}", format="auto"),
+            tokenizer=make_tok(base_tok, CHATML),
+        )
+
+
+BAD_SETTINGS = [
+    ("format", "xml", "data.format must be one of text, prompt_completion, chat, auto; got 'xml'"),
+    ("train_on", "prompt", "data.train_on must be one of assistant, all; got 'prompt'"),
+    ("truncation", "cut", "data.truncation must be one of drop, truncate; got 'cut'"),
+    ("prompt_template", "{question", "data.prompt_template='{question' is not a format string"),
+    (
+        "prompt_template",
+        "Question:",
+        "data.prompt_template='Question:' must name the row's columns",
+    ),
+    ("prompt_template", "{0}", "positional fields"),
+    ("completion_field", "", "data.completion_field must be a column name"),
+    ("packing", "yes", "data.packing must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "match"), BAD_SETTINGS)
+def test_bad_settings_name_the_key(tmp_path, key, value, match):
+    text_src = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
+    with pytest.raises(ValueError, match=match):
+        validate_data_config(cfg(tmp_path, text_src, **{key: value}))
+
+
+def test_chat_needs_local_files():
     with pytest.raises(ValueError, match="data.format=chat needs local data files"):
         validate_data_config(DataConfig(format="chat"))
 
