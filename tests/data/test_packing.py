@@ -8,6 +8,7 @@ from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.models.tiny import document_mask
 from moespec.moe import MoEConfig
 from moespec.routing import LossConfig
+from tests.common import ROOT
 
 LENGTHS = (5, 7, 3)  # packed into one row of 16 with one padding token
 
@@ -74,13 +75,12 @@ def test_packed_row_equals_each_example_alone_hf_qwen3_moe():
     """A tiny Qwen3-MoE through moespec's HF wrapper: transformers' packed path (from the
     restarting position ids) keeps the examples apart, loss and gradients as if alone."""
     import json
-    from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moespec.models.hf_train import HFCausalLM
 
-    path = Path(__file__).resolve().parents[1] / "recipes/model/configs/qwen3_moe_tiny.json"
+    path = ROOT / "recipes/model/configs/qwen3_moe_tiny.json"
     raw = json.loads(path.read_text())
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     config._attn_implementation = "sdpa"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,9 @@ from moespec.moe import (
 )
 from moespec.moe import backend as backend_mod
 from moespec.routing import LossConfig, RouterConfig, iter_routers
+from tests.common import ROOT
 
-WORKER = Path(__file__).resolve().parent / "workers" / "backends_equal.py"
+WORKER = ROOT / "tests" / "workers" / "backends_equal.py"
 TINY = TinyMoEConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=32)
 
 # Sums (float64) of the MoE weights the layout before the backend registry drew for

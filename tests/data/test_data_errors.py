@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.common import ROOT
+
 SMOKE = ["experiment=smoke", "data=jsonl", "wandb.enabled=false", "trainer.progress=false"]
 
 
@@ -53,7 +55,6 @@ def test_check_reads_the_data_files(train_env, tmp_path, case):
     """``moespec-train --check`` finds what the run would stop on, before anything trains."""
     import subprocess
     import sys
-    from pathlib import Path
 
     data = tmp_path / "rows.jsonl"
     if case == "malformed":
@@ -65,7 +66,7 @@ def test_check_reads_the_data_files(train_env, tmp_path, case):
         expect, extra = "the validation split has", ["data.val_fraction=0.02"]
     proc = subprocess.run(
         [sys.executable, "-m", "moespec.train", "--check", *SMOKE, f"data.source={data}", *extra],
-        env=train_env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        env=train_env, cwd=ROOT, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from moespec.train import checkpoint as ckpt
+from tests.common import ROOT
 
-WORKER = Path(__file__).parent / "workers" / "ckpt_faults.py"
+WORKER = ROOT / "tests" / "workers" / "ckpt_faults.py"
 FILES = [
     "mp_rank_00_model_states.pt",
     "zero_pp_rank_0_mp_rank_00_optim_states.pt",

@@ -7,6 +7,7 @@ import torch
 from moespec.eval.generate import greedy_generate, left_pad
 from moespec.models import TinyMoEConfig, TinyMoELM
 from moespec.moe import MoEConfig
+from tests.common import ROOT
 
 
 def _model() -> TinyMoELM:
@@ -55,13 +56,12 @@ def test_hf_generation_with_its_cache_equals_the_plain_loop():
     """A tiny Qwen3-MoE: transformers' generate (KV cache, left padding) gives the tokens of
     the no-cache loop run one prompt at a time."""
     import json
-    from pathlib import Path
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moespec.models.hf_train import HFCausalLM
 
-    path = Path(__file__).resolve().parents[1] / "recipes/model/configs/qwen3_moe_tiny.json"
+    path = ROOT / "recipes/model/configs/qwen3_moe_tiny.json"
     raw = json.loads(path.read_text())
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
