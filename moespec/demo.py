@@ -18,8 +18,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .paths import torch_extensions_dir
-from .train.compare import load_run, markdown_table, plot_curves
+from .report.compare import markdown_table, plot_curves
 from .train.launch import deepspeed_launcher
+from .train.run_metrics import load_run
 
 RUNS = ("aux_only", "specialization")
 

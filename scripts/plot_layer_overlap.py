@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from moespec.train.compare import CompareError, load_run  # noqa: E402
+from moespec.train.run_metrics import CompareError, load_run  # noqa: E402
 
 _LAYER = re.compile(r"^layer(\d+)/routing/output_overlap$")
 

@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import write_section  # noqa: E402
 
+from moespec.report.seed_statistics import paired_difference  # noqa: E402
 from moespec.routing.metrics import CollapseMonitor  # noqa: E402
-from moespec.train.compare import Run, load_run  # noqa: E402
 from moespec.train.config import TrainerConfig  # noqa: E402
 from moespec.train.launch import deepspeed_launcher  # noqa: E402
-from moespec.train.seeds import paired_difference  # noqa: E402
+from moespec.train.run_metrics import Run, load_run  # noqa: E402
 
 DOC = ROOT / "docs" / "specialization.md"
 LOSSES = ("aux_only", "specialization")

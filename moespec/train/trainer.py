@@ -45,12 +45,12 @@ from .builders import (
     validate_recipe,
 )
 from .callbacks import Callback, Checkpointing, MicroBatch, default_callbacks
-from .compare import CompareError, load_run
 from .config import TrainConfig
 from .guard import StepGuard
 from .launch import init_distributed
 from .logging import MetricsLogger, run_level
 from .preempt import Preempted, PreemptionHandler
+from .run_metrics import CompareError, load_run
 from .zero3 import gathered
 
 log = logging.getLogger("moespec")

@@ -39,8 +39,8 @@ def test_top_expert_share_against_a_per_token_count():
 def test_the_places_read_the_table():
     from moespec.eval.routing import SUMMARY
     from moespec.report.build import DIFF_METRICS
+    from moespec.report.compare import PLOT_METRICS, TABLE_METRICS, VAL_ROUTING_METRICS
     from moespec.report.figures import SUMMARY_METRICS
-    from moespec.train.compare import PLOT_METRICS, TABLE_METRICS, VAL_ROUTING_METRICS
 
     names = {place: [m.name for m in shown_in(place)] for place in PLACES}
     assert list(SUMMARY) == names["eval"]

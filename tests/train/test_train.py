@@ -226,8 +226,8 @@ def test_metrics_log_drops_a_half_written_line(tmp_path):
     """A run killed mid-append leaves half a line; the resumed run's log stays valid JSONL."""
     from types import SimpleNamespace
 
-    from moespec.train.compare import load_run
     from moespec.train.logging import MetricsLogger
+    from moespec.train.run_metrics import load_run
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "tra')
     logger = MetricsLogger(tmp_path, SimpleNamespace(enabled=False), {}, "run", True, resume=True)

@@ -89,7 +89,7 @@ def test_user_loss_from_the_command_line(run_train, read_metrics, tmp_path):
     stored = [v for k, v in module.items() if k.endswith("loss_weights.entropy")]
     assert len(stored) == 2 and all(float(v) == pytest.approx(weight) for v in stored)
     table = subprocess.run(
-        [sys.executable, "-m", "moespec.train.compare", str(run_dir), "--plot", str(tmp_path / "c.png")],
+        [sys.executable, "-m", "moespec.report.compare", str(run_dir), "--plot", str(tmp_path / "c.png")],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr

@@ -16,23 +16,12 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import OmegaConf
 
 from ..routing.losses import LOSSES
 from ..routing.metric_table import shown_in
-from .logging import run_level
-from .seeds import SeedGroup, group_by_seed, mean_std, paired_difference
-
-#: Metric names of runs logged before the loss weights were named after their losses.
-LEGACY_KEYS = {
-    "weights/alpha": "weights/aux",
-    "weights/beta": "weights/orthogonality",
-    "weights/gamma": "weights/variance",
-    "weights/zeta": "weights/z",
-}
+from ..train.run_metrics import CompareError, Run, load_run
+from .seed_statistics import SeedGroup, group_by_seed, mean_std, paired_difference
 
 #: (metric key, label, which way is better: "lower", "higher" or None)
 TABLE_METRICS: tuple[tuple[str, str, str | None], ...] = (
@@ -51,65 +40,6 @@ PLOT_METRICS: tuple[str, ...] = (
     "val/loss",
     *(f"routing/{m.name}" for m in shown_in("plot")),
 )
-
-
-class CompareError(ValueError):
-    """A path given to ``moespec-compare`` is not a run or sweep directory."""
-
-
-@dataclass
-class Run:
-    """One training run as its directory holds it."""
-
-    path: Path
-    history: list[dict] = field(default_factory=list)  # rows of metrics.jsonl, alerts excluded
-    alerts: list[str] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)  # .hydra/overrides.yaml
-    summary: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def last_step(self) -> int:
-        return max((int(r["step"]) for r in self.history if "step" in r), default=0)
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of ``key`` over the run."""
-        rows = [r for r in self.history if key in r and "step" in r]
-        return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
-
-
-def load_run(path: Path) -> Run:
-    """Read ``metrics.jsonl``, ``summary.json`` and the Hydra overrides of one run directory."""
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise CompareError(f"{path}: no metrics.jsonl (not a moespec run directory)")
-    run = Run(path=path)
-    by_step: dict[int, dict] = {}  # a resumed run may log a step again: the last row wins
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CompareError(f"{metrics}:{number}: not JSON ({err.msg})") from None
-        if "alert" in row:
-            run.alerts.append(str(row["alert"]))
-        elif "step" in row:
-            by_step[int(row["step"])] = {LEGACY_KEYS.get(k, k): v for k, v in row.items()}
-    run.history = [by_step[s] for s in sorted(by_step)]
-    # The last value of each run-level metric; summary.json (written at the end) wins.
-    for row in run.history:
-        run.summary.update(run_level(row))
-    summary = path / "summary.json"
-    if summary.is_file():
-        try:
-            saved = json.loads(summary.read_text())
-            run.summary.update({LEGACY_KEYS.get(k, k): v for k, v in saved.items()})
-        except json.JSONDecodeError as err:
-            raise CompareError(f"{summary}: not JSON ({err.msg})") from None
-    overrides = path / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        run.overrides = [str(o) for o in OmegaConf.load(overrides)]
-    return run
 
 
 def _sort_key(path: Path) -> tuple[int, int | str]:
@@ -309,7 +239,7 @@ def seed_table(runs: list[Run]) -> str | None:
 
 def plot_curves(runs: list[Run], labels: list[str], path: Path) -> Path:
     """One panel per metric of ``PLOT_METRICS`` that any run logged, one line per run."""
-    from .plots import plot_metric_curves
+    from ..train.plots import plot_metric_curves
 
     curves = {
         key: [(label, *run.series(key)) for run, label in zip(runs, labels)] for key in PLOT_METRICS

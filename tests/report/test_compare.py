@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moespec.train.compare import Run, find_runs, main, markdown_table, run_labels
+from moespec.report.compare import find_runs, main, markdown_table, run_labels
+from moespec.train.run_metrics import Run
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from moespec.train.compare import find_runs, main, seed_groups, seed_table
-from moespec.train.seeds import group_by_seed, paired_difference, t_cdf, t_quantile
+from moespec.report.compare import find_runs, main, seed_groups, seed_table
+from moespec.report.seed_statistics import group_by_seed, paired_difference, t_cdf, t_quantile
 
 #: Two-sided 95% critical values of Student's t (any statistics table).
 T975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305, 4: 2.776445105, 9: 2.262157163}
