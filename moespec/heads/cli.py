@@ -20,7 +20,7 @@ from ..paths import recipes_dir, resolve_inside
 from .controller import MODES, HeadController
 from .data import PromptEncoder, load_examples, read_jsonl
 from .evaluation import evaluate
-from .loading import generate, load_model
+from .model_io import generate, load_model
 from .plot import save_heatmap
 from .scoring import image_token_id_of, score_heads
 from .selection import HeadProfile, HeadSelectionConfig, select_heads

@@ -18,7 +18,7 @@ from ..data.tokenizer import pad_id
 from ..eval.extract import extract_choice
 from .controller import HeadController
 from .data import Example, PromptEncoder
-from .loading import generate
+from .model_io import generate
 from .selection import HeadProfile
 
 

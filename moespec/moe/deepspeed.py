@@ -32,7 +32,7 @@ from .native import FusedExperts, SwiGLU
 SwiGLUExpert = SwiGLU
 
 
-class MoespecGate(nn.Module):
+class DispatchPlanner(nn.Module):
     """Turns the router's choice into the dispatch plan of DeepSpeed's gate protocol.
 
     Returns ``(capacity, num_experts, indices, locations, gates, exp_counts)`` with per-route
@@ -175,7 +175,7 @@ class DeepSpeedExperts(MoE, MoEBackend):
     ) -> Experts:
         """This rank's copies of ``template`` and the ``MOELayer`` that routes to them."""
         experts = Experts(template, self.num_local_experts, self.expert_group_name)
-        gate = MoespecGate(self.num_experts, capacity_factor, drop_tokens)
+        gate = DispatchPlanner(self.num_experts, capacity_factor, drop_tokens)
         self.deepspeed_moe = MoespecMOELayer(
             gate, experts, self.expert_group_name, self.ep_size, self.num_local_experts
         )

@@ -1,4 +1,5 @@
-"""Loading a local model directory (safetensors or GGUF) with its processor or tokenizer."""
+"""A model directory in and out: loading it (safetensors or GGUF) with its processor or
+tokenizer, and greedy generation from it."""
 
 from __future__ import annotations
 
