@@ -12,6 +12,7 @@ from moespec.hooks import (
     find_moe_blocks,
 )
 from moespec.models import TinyMoEConfig, TinyMoELM
+from tests.common import DENSE_TEXT
 
 
 def tiny():
@@ -79,16 +80,7 @@ def test_discovery_on_hf_moe_models(arch):
 def _qwen2_audio():
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    text = dict(
-        model_type="qwen2",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    text = dict(model_type="qwen2", **DENSE_TEXT)
     # the audio encoder has more layers (4) than the language model (3)
     audio = dict(
         d_model=32,
