@@ -19,3 +19,13 @@ DENSE_TEXT = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+
+#: A tiny vision tower (CLIP or SigLIP keys) of 16x16 images in 4x4 patches: 16 image tokens.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=4,
+)

@@ -29,7 +29,7 @@ from moespec.heads import (
     select_heads,
 )
 from moespec.hooks import count_hooks, find_attention_output_projections
-from tests.common import DENSE_TEXT
+from tests.common import DENSE_TEXT, TINY_VISION
 
 IMG = 100
 TEXT = DENSE_TEXT
@@ -90,16 +90,7 @@ def build(kind: str, seed: int = 0) -> tuple[torch.nn.Module, list[dict], dict]:
     if kind == "llava":
         config = LlavaConfig(
             text_config=dict(TEXT, model_type="llama"),
-            vision_config=dict(
-                model_type="clip_vision_model",
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-                projection_dim=32,
-            ),
+            vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=32),
             image_token_id=IMG,
         )
         model = LlavaForConditionalGeneration(config)
@@ -117,15 +108,7 @@ def build(kind: str, seed: int = 0) -> tuple[torch.nn.Module, list[dict], dict]:
     if kind == "llava_onevision":
         config = LlavaOnevisionConfig(
             text_config=dict(TEXT, model_type="qwen2"),
-            vision_config=dict(
-                model_type="siglip_vision_model",
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-            ),
+            vision_config=dict(TINY_VISION, model_type="siglip_vision_model"),
             image_token_id=IMG,
             video_token_id=101,
         )

@@ -24,7 +24,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from moespec.heads import HeadProfile
 from moespec.heads.cli import config_dir, main, run
 from moespec.heads.data import ExampleError, PromptEncoder, load_examples, parse_example
-from tests.common import DENSE_TEXT
+from tests.common import DENSE_TEXT, TINY_VISION
 
 WORDS = [
     "what",
@@ -120,16 +120,7 @@ def vl_model_dir(tmp_path_factory) -> Path:
     tok = tokenizer()
     config = LlavaConfig(
         text_config=dict(TEXT, model_type="llama"),
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=4,
-            projection_dim=32,
-        ),
+        vision_config=dict(TINY_VISION, model_type="clip_vision_model", projection_dim=32),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
     )
     LlavaForConditionalGeneration(config).save_pretrained(path)
