@@ -51,10 +51,13 @@ def _key(override: str) -> str:
 
 
 def results_dir(target: Path) -> Path:
-    """Where ``moespec-eval`` writes: ``RUN/eval``, or ``<model dir>_eval`` beside an HF model
-    directory (never inside the model)."""
+    """Where ``moespec-eval`` writes: ``RUN/eval`` (for the run or one of its checkpoints,
+    ``RUN/checkpoints/stepN``), or ``<model dir>_eval`` beside an HF model directory (never
+    inside the model)."""
     if (target / "config.json").is_file():
         return target.parent / f"{target.name}_eval"
+    if target.parent.name == "checkpoints":
+        return target.parents[1] / "eval"
     return target / "eval"
 
 
