@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import collective_device
+from ..distributed import all_reduce_floats
 from . import losses as L
 from .balance import (
     BalanceBudget,
@@ -432,12 +432,8 @@ def calibrate_weight(raw_value: float, target: float, name: str = "the loss") ->
 
 
 def _mean_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        t = t.to(collective_device())
-        dist.all_reduce(t)
-        t = t.cpu() / dist.get_world_size()
-    return t.tolist()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return [v / world for v in all_reduce_floats(values)]
 
 
 def capped_weight(router: Router, name: str, weight: float) -> float:

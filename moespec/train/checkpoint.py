@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import as_umask_allows
-from ..distributed import collective_device
+from ..distributed import all_reduce_floats
 from . import faults
 from .safe_load import CheckpointFileError, is_safe_engine, safe_torch_load
 
@@ -163,12 +163,7 @@ def _rank() -> int:
 
 def _any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (a collective)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    device = collective_device()
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return all_reduce_floats([float(flag)], op="max")[0] > 0
 
 
 def _written(path: Path, write: Any) -> OSError | None:
