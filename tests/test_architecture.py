@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moespec"
 
 #: bottom to top; a package may import its own layer and those below it
 LAYERS = [
-    {"paths", "cache", "cli", "distributed"},
+    {"paths", "cache", "cli", "distributed", "jsonl"},
     {"routing"},
     {"hooks"},
     {"moe"},

@@ -43,6 +43,7 @@ from moespec.data.tokenizer import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
+from moespec.jsonl import JsonLineError, json_lines
 from moespec.paths import default_cache_dir
 
 if TYPE_CHECKING:
@@ -242,18 +243,12 @@ def unreadable_file_message(path: Path, builder: str, err: Exception) -> str:
     """One line saying why ``path`` could not be read: the first malformed JSON line (1-based)
     of a JSON Lines file, else the loader's own first line."""
     if builder == "json" and path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as bad:
-                    return (
-                        f"{path}:{number}: not a JSON object ({bad.msg}); fix or remove that line"
-                    )
+        try:
+            for number, row in json_lines(path):
                 if not isinstance(row, dict):
                     return f"{path}:{number}: a JSON Lines row must be an object, got {type(row).__name__}"
+        except JsonLineError as bad:
+            return f"{path}:{bad.number}: not a JSON object ({bad.msg}); fix or remove that line"
     cause = err.__cause__ or err
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     return f"{path}: could not be read as {builder} ({type(cause).__name__}: {first})"

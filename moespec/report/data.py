@@ -15,7 +15,6 @@ windows of ``seq_len`` tokens and read line by line: nothing is held beyond one 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from ..data.pipeline import render_messages
 from ..data.tokenizer import pad_id
+from ..jsonl import json_lines
 
 VAL = "val"
 
@@ -46,22 +46,15 @@ class Source:
             if text.strip():
                 yield self.domain, text
             return
-        with self.path.open(encoding="utf-8", errors="replace") as fh:
-            for number, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{number}: not JSON ({err.msg})") from None
-                doc = row_document(row)
-                if doc is None:
-                    raise ValueError(
-                        f"{self.path}:{number}: no string field 'text', list of 'messages' or "
-                        "string 'prompt' and 'completion'"
-                    )
-                dom = row.get("domain") if self.domain is None else self.domain
-                yield (None if dom is None else str(dom)), doc
+        for number, row in json_lines(self.path):  # a line that is not JSON: a ValueError
+            doc = row_document(row)
+            if doc is None:
+                raise ValueError(
+                    f"{self.path}:{number}: no string field 'text', list of 'messages' or "
+                    "string 'prompt' and 'completion'"
+                )
+            dom = row.get("domain") if self.domain is None else self.domain
+            yield (None if dom is None else str(dom)), doc
 
 
 def row_document(row: Any) -> Document | None:

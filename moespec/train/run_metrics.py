@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..jsonl import JsonLineError, json_lines
 from .logging import run_level
 
 #: Metric names of runs logged before the loss weights were named after their losses.
@@ -51,17 +52,14 @@ def load_run(path: Path) -> Run:
         raise CompareError(f"{path}: no metrics.jsonl (not a moespec run directory)")
     run = Run(path=path)
     by_step: dict[int, dict] = {}  # a resumed run may log a step again: the last row wins
-    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CompareError(f"{metrics}:{number}: not JSON ({err.msg})") from None
-        if "alert" in row:
-            run.alerts.append(str(row["alert"]))
-        elif "step" in row:
-            by_step[int(row["step"])] = {LEGACY_KEYS.get(k, k): v for k, v in row.items()}
+    try:
+        for _, row in json_lines(metrics):
+            if "alert" in row:
+                run.alerts.append(str(row["alert"]))
+            elif "step" in row:
+                by_step[int(row["step"])] = {LEGACY_KEYS.get(k, k): v for k, v in row.items()}
+    except JsonLineError as err:
+        raise CompareError(str(err)) from None
     run.history = [by_step[s] for s in sorted(by_step)]
     # The last value of each run-level metric; summary.json (written at the end) wins.
     for row in run.history:
