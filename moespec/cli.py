@@ -31,6 +31,11 @@ def prepare_environment() -> None:
     logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets: ``+model.overrides.x=1`` → ``model.overrides.x``."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def fail(error: BaseException | str) -> NoReturn:
     """Print ``error: ...`` on stderr and exit with status 2."""
     print(f"error: {one_line(str(error))}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..cache import publish_dir, staging_dir
+from ..cli import override_key
 from ..paths import recipes_dir
 from .expert_parallel import (
     convert_expert_parallel,
@@ -146,7 +147,7 @@ def refuse_unused_moe_keys(cfg: Any, overrides: list[str]) -> None:
     if cfg.model.type != "hf":
         return
     for item in overrides:
-        key = item.lstrip("+~").split("=", 1)[0]
+        key = override_key(item)
         if key not in HF_UNUSED_MOE_KEYS:
             continue
         value = item.split("=", 1)[1] if "=" in item else "VALUE"

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..cli import check_overrides
+from ..cli import check_overrides, override_key
 from ..paths import recipes_dir
 
 MODEL_SOURCE_KEYS = ("model.name_or_path", "model.config", "model.upcycle_experts")
@@ -24,7 +24,9 @@ def recipe_of(target: Path, overrides: list[str]) -> tuple[list[str], Path | Non
     if (target / "config.json").is_file():
         source = [f"model.name_or_path={target}"]
         if (target.parent / ".hydra" / "overrides.yaml").is_file():
-            run = [o for o in _run_overrides(target.parent) if _key(o) not in MODEL_SOURCE_KEYS]
+            run = [
+                o for o in _run_overrides(target.parent) if override_key(o) not in MODEL_SOURCE_KEYS
+            ]
             fixed = ["model.config=null", "model.upcycle_experts=0", "model.lora.enabled=false"]
             return [*run, *source, *fixed, *overrides], None
         return ["model=hf", *source, *overrides], None
@@ -43,11 +45,7 @@ def recipe_of(target: Path, overrides: list[str]) -> tuple[list[str], Path | Non
 
 def _run_overrides(run_dir: Path) -> list[str]:
     saved = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
-    return [str(o) for o in saved if not _key(str(o)).startswith("hydra.")]
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
+    return [str(o) for o in saved if not override_key(str(o)).startswith("hydra.")]
 
 
 def results_dir(target: Path) -> Path:
