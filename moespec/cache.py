@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +38,10 @@ def file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _current_umask() -> int:
+@functools.cache
+def _process_umask() -> int:
+    """The umask, read once: reading it means setting it, a process-wide change that a thread
+    creating a file at that moment would see."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -46,7 +50,7 @@ def _current_umask() -> int:
 def as_umask_allows(path: Path) -> None:
     """Give ``path`` (and a directory's whole tree) the modes a plain ``open``/``mkdir`` would
     under the process umask: temp files and directories are created private (0600/0700)."""
-    mask = _current_umask()
+    mask = _process_umask()
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
         if not p.is_symlink():
