@@ -165,3 +165,18 @@ def test_sweep_runs_are_named_by_their_overrides(home, train_env):
     for num, loss in enumerate(["aux_only", "specialization"]):
         log = (home / "sweep" / str(num) / "train.log").read_text()
         assert f"wandb run {num}:experiment=smoke," in log and f"loss={loss}" in log
+
+
+def test_no_library_progress_bars_when_stderr_is_not_a_terminal(train_env):
+    """datasets and transformers (its "Writing model shards" bar) stay quiet."""
+    code = (
+        "from moespec.cli import prepare_environment\n"
+        "prepare_environment()\n"
+        "import datasets\n"
+        "from transformers.utils import logging\n"
+        "print(logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in train_env.items() if "PROGRESS_BARS" not in k and k != "TQDM_DISABLE"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False"]
