@@ -17,9 +17,8 @@ def prepare_environment() -> None:
     """Before DeepSpeed is imported: its JIT ops cached in moespec's build or cache directory,
     no accelerator guess when the machine has no GPU (it warns on every command) and no
     compiler probe lines (DeepSpeed checks for libaio, logged at INFO), no progress bars when
-    stderr is not a terminal."""
-    import torch
-
+    stderr is not a terminal (set before torch is imported: torch imports tqdm, which reads
+    ``TQDM_DISABLE`` once)."""
     from .paths import torch_extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
@@ -27,6 +26,8 @@ def prepare_environment() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm on import: child processes
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' own bars
+    import torch
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("compilers").setLevel(logging.WARNING)

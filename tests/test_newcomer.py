@@ -168,15 +168,18 @@ def test_sweep_runs_are_named_by_their_overrides(home, train_env):
 
 
 def test_no_library_progress_bars_when_stderr_is_not_a_terminal(train_env):
-    """datasets and transformers (its "Writing model shards" bar) stay quiet."""
+    """datasets, transformers (its "Writing model shards" bar) and plain tqdm (the GGUF
+    loader's "de-quantizing" bar) stay quiet."""
     code = (
         "from moespec.cli import prepare_environment\n"
         "prepare_environment()\n"
         "import datasets\n"
+        "from tqdm.auto import tqdm\n"
         "from transformers.utils import logging\n"
         "print(logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())\n"
+        "print(tqdm(range(2)).disable)\n"
     )
     env = {k: v for k, v in train_env.items() if "PROGRESS_BARS" not in k and k != "TQDM_DISABLE"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["False", "False"]
+    assert proc.stdout.split() == ["False", "False", "True"]
