@@ -1,4 +1,4 @@
-"""What several test files share: the repository root and the tiny dense text config."""
+"""What several test files share: the repository root and the tiny model configs."""
 
 from __future__ import annotations
 
@@ -29,3 +29,51 @@ TINY_VISION = dict(
     image_size=16,
     patch_size=4,
 )
+
+#: The shared text part of the tiny HF MoE models the family tests build from a config.
+TINY_MOE_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=None,
+)
+#: Per family: the MoE keys of a 4-expert, top-2 model (shared experts where it has them).
+TINY_MOE_ARCHS = {
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        head_dim=8,
+        norm_topk_prob=True,
+    ),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        shared_expert_intermediate_size=24,
+    ),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_shared_experts=1,
+    ),
+}

@@ -29,61 +29,16 @@ from moespec.models.upcycle import upcycle  # noqa: E402
 from moespec.routing import LossConfig  # noqa: E402
 from moespec.routing import losses as L  # noqa: E402
 from moespec.routing.router import ATTACHED_ROUTER_ATTR  # noqa: E402
-from tests.common import ROOT  # noqa: E402
+from tests.common import ROOT, TINY_MOE_ARCHS, TINY_MOE_TEXT  # noqa: E402
 
-VOCAB = 64
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=None,
-)
-ARCHS = {
-    "qwen3_moe": dict(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        intermediate_size=64,
-        head_dim=8,
-        norm_topk_prob=True,
-    ),
-    "qwen2_moe": dict(
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        intermediate_size=64,
-        shared_expert_intermediate_size=24,
-    ),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=16),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
-    "deepseek_v3": dict(
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        intermediate_size=64,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=0,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=8,
-        n_shared_experts=1,
-    ),
-}
-arch_params = pytest.mark.parametrize("arch", list(ARCHS))
+VOCAB = TINY_MOE_TEXT["vocab_size"]
+arch_params = pytest.mark.parametrize("arch", list(TINY_MOE_ARCHS))
 
 
 def make_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random float32 model of ``arch``; routers get a non-zero init."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **{**COMMON, **ARCHS[arch], **overrides})
+    config = AutoConfig.for_model(arch, **{**TINY_MOE_TEXT, **TINY_MOE_ARCHS[arch], **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for _, block in find_moe_blocks(model):
@@ -300,7 +255,7 @@ def test_saved_model_loads_without_moespec(tmp_path) -> None:
 
 
 def test_load_from_config_json(tmp_path) -> None:
-    config = AutoConfig.for_model("olmoe", **COMMON, **ARCHS["olmoe"])
+    config = AutoConfig.for_model("olmoe", **TINY_MOE_TEXT, **TINY_MOE_ARCHS["olmoe"])
     config.save_pretrained(tmp_path)
     model = load_hf_model(config_path=tmp_path / "config.json")
     assert type(model).__name__ == "OlmoeForCausalLM"
@@ -338,7 +293,7 @@ def test_model_aux_loss_switch(caplog) -> None:
 
 def test_error_dense_model() -> None:
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", **COMMON, intermediate_size=48)
+    config = AutoConfig.for_model("llama", **TINY_MOE_TEXT, intermediate_size=48)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="no MoE blocks found in LlamaForCausalLM") as err:
         attach(model, loss_config())
@@ -383,7 +338,9 @@ def test_error_load_paths(tmp_path) -> None:
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("llama", **COMMON, intermediate_size=48, tie_word_embeddings=True)
+    config = AutoConfig.for_model(
+        "llama", **TINY_MOE_TEXT, intermediate_size=48, tie_word_embeddings=True
+    )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
