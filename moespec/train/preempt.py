@@ -56,6 +56,13 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
+    def ignore_from_now(self) -> None:
+        """After the preemption checkpoint: further signals are ignored while the process shuts
+        down. Python puts its own handlers back to the default (terminate) at exit, where a
+        scheduler's second SIGTERM would turn exit 75 into a kill; it keeps ``SIG_IGN``."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is None:

