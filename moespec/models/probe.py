@@ -129,7 +129,7 @@ class HFRouterProbe(Router):
             scores, logits = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20), first
         else:
             scores, logits = first.softmax(-1), first
-        return RouterOutput(logits=logits, scores=scores, idx=idx, weights=weights)
+        return RouterOutput(logits=logits, scores=scores, idx=idx, gate_weights=weights)
 
     def observe_choice(
         self, idx: torch.Tensor, weights: torch.Tensor, raw: torch.Tensor | None = None

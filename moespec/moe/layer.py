@@ -28,7 +28,7 @@ def run_experts(
 ) -> torch.Tensor:
     """Route ``flat`` [T,H], run ``experts``, record their raw outputs on the router; [T,H]."""
     route = router(flat)
-    out = experts(flat, route.idx, route.weights)
+    out = experts(flat, route.idx, route.gate_weights)
     if out.dropped_tokens is None:
         router.record_expert_outputs(out.raw)
         return out.combined

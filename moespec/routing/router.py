@@ -37,7 +37,7 @@ class RouterOutput:
     logits: torch.Tensor  # [T,E] float32
     scores: torch.Tensor  # [T,E] probabilities used for the losses
     idx: torch.Tensor  # [T,k] selected experts
-    weights: torch.Tensor  # [T,k] gate weights (renormalised when configured)
+    gate_weights: torch.Tensor  # [T,k] gate weights (renormalised when configured)
 
 
 @dataclass
@@ -212,7 +212,7 @@ class Router(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         if self.config.scaling != 1.0:
             weights = weights * self.config.scaling
-        out = RouterOutput(logits=logits, scores=dist_scores, idx=idx, weights=weights)
+        out = RouterOutput(logits=logits, scores=dist_scores, idx=idx, gate_weights=weights)
         self._compute_losses(out)
         if self.training and self.config.score_bias:
             mask = self._token_mask
@@ -406,7 +406,7 @@ class CollectedLosses:
     total: torch.Tensor
     per_layer: list[dict[str, float]] = field(default_factory=list)
     means: dict[str, float] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
     calibrated: dict[str, float] | None = None  # {name: weight} chosen by this forward
     calibration_raw: dict[str, float] = field(default_factory=dict)  # {name: raw value}
     calibration_capped: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -532,7 +532,7 @@ def collect_router_losses(model: nn.Module, *, calibrate_auto: bool = True) -> C
         total=total,
         per_layer=per_layer,
         means={k: v / n for k, v in sums.items()},
-        weights=routers[0].loss_weights.as_dict() if routers else {},
+        loss_weights=routers[0].loss_weights.as_dict() if routers else {},
         calibrated=calibration[0] if calibration else None,
         calibration_raw=calibration[1] if calibration else {},
         calibration_capped=calibration[2] if calibration else {},

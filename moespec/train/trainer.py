@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -166,7 +165,7 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         clear_router_losses(self.model)
-        self.loss_weights = routed.weights or self.loss_weights
+        self.loss_weights = routed.loss_weights or self.loss_weights
         return MicroBatch(loss=tot, lm_loss=lm, routed=routed, tokens=ids.numel(), trained=trained)
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -281,7 +280,8 @@ def _resume(trainer: Trainer, resume_from: Path) -> None:
     trainer.start_step = state["step"]
     trainer.batches.load_state_dict(state["sampler"])
     trainer.guard.load_state_dict(state.get("guard", {}))
-    changed = restore_loss_weights(trainer.model, state.get("weights"))
+    saved_weights = state.get("loss_weights", state.get("weights"))  # older checkpoints: "weights"
+    changed = restore_loss_weights(trainer.model, saved_weights)
     try:
         capped = restore_balance(trainer.model, state.get("balance"))
     except ValueError as err:
@@ -358,10 +358,15 @@ def train(
     preemption = PreemptionHandler(list(cfg.trainer.preempt_signals))
     preemption.install()  # from here on a signal is noted, and acted on before the first step
     try:
-        return _train(cfg, run_dir, callbacks, rank, world, preemption)
-    finally:
-        if not isinstance(sys.exc_info()[1], Preempted):
-            preemption.uninstall()
+        summary = _train(cfg, run_dir, callbacks, rank, world, preemption)
+    except Preempted:
+        preemption.ignore_from_now()
+        raise
+    except BaseException:
+        preemption.uninstall()
+        raise
+    preemption.uninstall()
+    return summary
 
 
 def _train(

@@ -83,7 +83,7 @@ def test_router_outputs_and_stored_losses(score_func):
     torch.testing.assert_close(out.scores, dist)
     assert out.idx.tolist() == probs.topk(2, -1).indices.tolist()
     w = probs.gather(1, out.idx)
-    torch.testing.assert_close(out.weights, w / w.sum(-1, keepdim=True))
+    torch.testing.assert_close(out.gate_weights, w / w.sum(-1, keepdim=True))
     torch.testing.assert_close(r.raw_losses["aux"], L.load_balancing_loss(dist, out.idx, 6))
     torch.testing.assert_close(r.raw_losses["variance"], L.variance_loss(dist))
     torch.testing.assert_close(r.raw_losses["z"], L.z_loss(logits))
@@ -209,7 +209,7 @@ def test_top1_gate_weight(normalize_top1):
     out = r(torch.randn(10, 8))
     p = out.logits.softmax(-1).gather(1, out.idx)
     expect = torch.ones_like(p) if normalize_top1 else p  # Switch style keeps p
-    torch.testing.assert_close(out.weights, expect)
+    torch.testing.assert_close(out.gate_weights, expect)
 
 
 def test_auto_weight_from_config_string():
@@ -244,7 +244,8 @@ def test_score_bias_changes_selection_not_weights():
     out = r(x)
     assert (out.idx == 3).all()
     torch.testing.assert_close(
-        out.weights, out.scores.gather(1, out.idx) * 0 + x.matmul(r.weight.T).softmax(-1)[:, 3:4]
+        out.gate_weights,
+        out.scores.gather(1, out.idx) * 0 + x.matmul(r.weight.T).softmax(-1)[:, 3:4],
     )
 
 
@@ -300,7 +301,7 @@ def test_grouped_sigmoid_routing_matches_deepseek_v3_router():
     hf_sorted, order = hf_idx.sort(-1)
     ours_sorted, ours_order = out.idx.sort(-1)
     assert torch.equal(ours_sorted, hf_sorted)
-    torch.testing.assert_close(out.weights.gather(1, ours_order), hf_w.gather(1, order))
+    torch.testing.assert_close(out.gate_weights.gather(1, ours_order), hf_w.gather(1, order))
 
 
 def test_bad_grouping_names_field():

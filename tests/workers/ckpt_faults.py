@@ -61,7 +61,7 @@ def engine():
 
 def save(eng, root: Path, step: int, keep: int = 1) -> Path:
     faults.set_step(step)
-    state = {"step": step, "sampler": {"epoch": 0}, "weights": {}}
+    state = {"step": step, "sampler": {"epoch": 0}, "loss_weights": {}}
     return ckpt.save_checkpoint(eng, root, step, state, keep, {"callbacks": {"x": [1.0, 2.0]}})
 
 

@@ -40,7 +40,7 @@ class Checkpointing(Callback):
         state = {
             "step": trainer.step,
             "sampler": trainer.batches.state_dict(),
-            "weights": trainer.loss_weights,
+            "loss_weights": trainer.loss_weights,
             "balance": balance_state(trainer.model),
             "guard": trainer.guard.state_dict(),
         }
