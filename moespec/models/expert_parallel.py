@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..hooks import find_moe_blocks
+from ..moe.backend import record_dispatch_rows
 from . import experts as X
 from .hf import model_type_of
 from .specs import EXPERTS_LAYOUT_FLAGS
@@ -123,6 +124,7 @@ def _deepspeed_experts_class() -> type:
                 probe.observe_choice(
                     top_k_index, top_k_weights, raw if probe.needs_expert_outputs() else None
                 )
+                record_dispatch_rows(probe, out)
             return combined.to(hidden_states.dtype)
 
         @torch.no_grad()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from ..routing import Router
     from .config import MoEConfig
 
 
@@ -33,6 +34,18 @@ class ExpertOutput:
     raw: torch.Tensor  # [T,k,H] each token's k expert outputs before gating (0 where dropped)
     combined: torch.Tensor  # [T,H] the gate-weighted sum of the k outputs
     dropped_tokens: torch.Tensor | None = None  # [T] bool: tokens that lost a route; None: none
+    #: expert parallel: (rows this rank's experts computed, routes this rank sent) in this pass
+    dispatch_rows: tuple[int, int] | None = None
+
+
+def record_dispatch_rows(router: Router, out: ExpertOutput) -> None:
+    """Log ``dispatch_rows_ratio``, rows computed per routed row (1: nothing padded), on
+    ``router``; summed over micro-batches and ranks before the ratio is taken."""
+    if out.dispatch_rows is None or not router.track_stats:
+        return
+    computed, routed = out.dispatch_rows
+    if routed:
+        router.stats.window.add("dispatch_rows_ratio", computed / routed, "mean", count=routed)
 
 
 class MoEBackend(nn.Module):

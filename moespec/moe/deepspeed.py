@@ -1,13 +1,14 @@
 """DeepSpeed expert-parallel MoE backend, dispatching the moespec router's choices.
 
-Shapes: S (=T) tokens, E experts, k experts per token, C capacity per expert, M (=H) hidden.
+Shapes: S (=T) tokens, E experts, k experts per token, M (=H) hidden.
 
 :class:`DeepSpeedExperts` is a ``deepspeed.moe.layer.MoE`` (so the DeepSpeed engine finds
 it, builds its expert-parallel groups, reduces expert gradients over the expert-data group
 and saves this rank's experts under ``deepspeed_moe.experts.deepspeed_experts.*``) whose
-``MOELayer`` dispatches the routes the layer's router chose. After the combine all-to-all,
-each token's raw outputs from its k experts are gathered on its home rank from the expert
-output buffer, by (expert, capacity slot); gradients flow back through DeepSpeed's all-to-all.
+``MOELayer`` dispatches the routes the layer's router chose, dropless: the routes are sorted
+by expert and exchanged with DeepSpeed AutoEP's uneven all-to-all, so each rank's experts
+compute exactly the rows routed to them. The combine all-to-all brings each token's k raw
+outputs back to its home rank; gradients flow back through the same exchanges.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import torch
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
+from deepspeed.moe.sharded_moe import MOELayer
 from deepspeed.utils import groups
 from torch import nn
 
@@ -33,11 +34,9 @@ SwiGLUExpert = SwiGLU
 
 
 class DispatchPlanner(nn.Module):
-    """Turns the router's choice into the dispatch plan of DeepSpeed's gate protocol.
-
-    Returns ``(capacity, num_experts, indices, locations, gates, exp_counts)`` with per-route
-    tensors laid out [k, S]; routes past the capacity get index -1 (dropped).
-    """
+    """Which of the router's routes are dispatched: all of them (dropless), or with
+    ``drop_tokens`` and a ``capacity_factor`` those within each expert's capacity, taken in
+    token order. ``forward(idx [S,k])`` → ``kept`` [S,k] bool."""
 
     def __init__(self, num_experts: int, capacity_factor: float, drop_tokens: bool) -> None:
         super().__init__()
@@ -50,39 +49,32 @@ class DispatchPlanner(nn.Module):
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
 
-    def forward(self, idx: torch.Tensor, weights: torch.Tensor):
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         s, k = idx.shape
-        e = self.num_experts
-        mask = torch.zeros(s, e, dtype=torch.int64, device=idx.device).scatter_(1, idx, 1)
-        exp_counts = mask.sum(0)
-        locations = (torch.cumsum(mask, dim=0) - 1).gather(1, idx)  # [S,k]
-        if self.drop_tokens and self.capacity_factor > 0:
-            capacity = max(int(math.ceil(s * k / e * self.capacity_factor)), 1)
-        else:
-            capacity = int(exp_counts.max()) if s else 1
-            if self.ep_group is not None and torch.distributed.get_world_size(self.ep_group) > 1:
-                cap = torch.tensor([capacity], device=idx.device)
-                torch.distributed.all_reduce(
-                    cap, op=torch.distributed.ReduceOp.MAX, group=self.ep_group
-                )
-                capacity = int(cap)
-            capacity = max(capacity, 1)
+        if not (self.drop_tokens and self.capacity_factor > 0):
+            self.dropped_routes = 0
+            return torch.ones_like(idx, dtype=torch.bool)
+        capacity = max(int(math.ceil(s * k / self.num_experts * self.capacity_factor)), 1)
+        mask = torch.zeros(s, self.num_experts, dtype=torch.int64, device=idx.device)
+        mask.scatter_(1, idx, 1)
+        locations = (torch.cumsum(mask, dim=0) - 1).gather(1, idx)  # [S,k] place in its expert
         kept = locations < capacity
         self.dropped_routes = int((~kept).sum())
-        indices = torch.where(kept, idx, torch.full_like(idx, -1))
-        gates = weights * kept
-        return (
-            torch.tensor(capacity),
-            e,
-            indices.t().contiguous().to(torch.int32),
-            (locations * kept).t().contiguous().to(torch.int32),
-            gates.t().contiguous().float(),
-            exp_counts,
-        )
+        return kept
 
 
 class MoespecMOELayer(MOELayer):
-    """DeepSpeed's ``MOELayer`` on given routes, plus the gather of raw expert outputs per token."""
+    """Dropless expert-parallel dispatch of given routes, with each token's raw expert outputs
+    back on its home rank.
+
+    The routes are sorted by expert and exchanged with DeepSpeed AutoEP's uneven all-to-all
+    (``compute_split_plan``, ``_AllToAllV``): each rank computes exactly the rows routed to its
+    experts, with no capacity padding. ``rows_routed`` / ``rows_computed`` count this rank's
+    rows of the last forward (routes it sent; rows its experts computed).
+    """
+
+    rows_routed = 0
+    rows_computed = 0
 
     def forward(self, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> ExpertOutput:
         if (
@@ -92,39 +84,54 @@ class MoespecMOELayer(MOELayer):
             raise NotImplementedError(
                 "moe.backend=deepspeed with tensor parallelism is not supported"
             )
-        d_model = flat.shape[-1]
-        capacity, num_experts, indices, locations, gates, self.exp_counts = self.gate(idx, weights)
-        s, c, e = flat.shape[0], int(capacity), num_experts
-        slots = torch.where(
-            indices >= 0,
-            indices.long() * c + locations.long(),
-            torch.full_like(indices, e * c).long(),
+        s, k = idx.shape
+        kept = self.gate(idx)
+        e = self.gate.num_experts
+        experts_of_routes = torch.where(kept, idx, e).reshape(-1)  # a dropped route sorts last
+        order = torch.argsort(experts_of_routes, stable=True)[: int(kept.sum())]  # kept, by expert
+        counts = torch.bincount(experts_of_routes, minlength=e + 1)
+        rows = self._exchange_and_compute(flat.index_select(0, order // k), counts[:-1])
+        raw = rows.new_zeros(s * k, rows.shape[-1]).index_copy(0, order, rows).view(s, k, -1)
+        gates = (weights * kept).float()
+        combined = (raw.float() * gates.unsqueeze(-1)).sum(1).to(rows.dtype)
+        dropped = ~kept.all(1) if self.gate.dropped_routes else None
+        return ExpertOutput(
+            raw=raw,
+            combined=combined,
+            dropped_tokens=dropped,
+            dispatch_rows=(self.rows_computed, self.rows_routed),
         )
-        # Place each routed token in its (expert, slot) of the [E, C, M] buffer with one gather.
-        source = torch.full((e * c + 1,), s, dtype=torch.long, device=flat.device)
-        source.scatter_(
-            0, slots.reshape(-1), torch.arange(s, device=flat.device).expand_as(slots).reshape(-1)
+
+    def _exchange_and_compute(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``rows`` sorted by expert, ``counts`` [E] per expert → the experts' outputs, same order."""
+        from deepspeed.module_inject.auto_ep_layer import _AllToAllV, compute_split_plan
+
+        self.rows_routed = rows.shape[0]
+        plan = compute_split_plan(
+            selected_experts=rows.new_empty(0, 1, dtype=torch.long),  # counts are given
+            num_experts=self.gate.num_experts,
+            ep_size=self.ep_size,
+            num_local_experts=self.num_local_experts,
+            ep_group=self.ep_group,
+            num_tokens_per_expert=counts,
         )
-        padded = torch.cat([flat, flat.new_zeros(1, d_model)])
-        dispatched = padded.index_select(0, source[:-1]).view(e, c, d_model)
         if self.ep_size > 1:
-            dispatched = _AllToAll.apply(self.ep_group, dispatched)
-        dispatched = dispatched.reshape(self.ep_size, self.num_local_experts, -1, d_model)
-        expert_output = self.experts(dispatched).reshape(
-            self.ep_size * self.num_local_experts, -1, d_model
-        )
+            rows = _AllToAllV.apply(self.ep_group, rows, plan.input_splits, plan.output_splits)
+        out = self._run_local_experts(rows, plan.local_counts_by_source)
         if self.ep_size > 1:
-            expert_output = _AllToAll.apply(self.ep_group, expert_output)
-        out_padded = torch.cat(
-            [expert_output.reshape(e * c, d_model), expert_output.new_zeros(1, d_model)]
-        )
-        raw = out_padded.index_select(0, slots.reshape(-1)).view(
-            slots.shape[0], s, d_model
-        )  # [k,S,M]
-        combined = (raw.float() * gates.unsqueeze(-1)).sum(0).to(expert_output.dtype)
-        # A dropped route has no expert output (it would enter the losses as a zero vector).
-        dropped = ~(indices >= 0).all(0) if self.gate.dropped_routes else None
-        return ExpertOutput(raw=raw.transpose(0, 1), combined=combined, dropped_tokens=dropped)
+            out = _AllToAllV.apply(self.ep_group, out, plan.output_splits, plan.input_splits)
+        return out
+
+    def _run_local_experts(self, rows: torch.Tensor, by_source: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by (source rank, local expert) → each local expert on its own rows."""
+        self.rows_computed = rows.shape[0]
+        local = torch.arange(self.num_local_experts, device=rows.device).repeat(by_source.shape[0])
+        expert_of_row = local.repeat_interleave(by_source.reshape(-1).to(rows.device))
+        order = torch.argsort(expert_of_row, stable=True)
+        sizes = torch.bincount(expert_of_row, minlength=self.num_local_experts).tolist()
+        grouped = rows.index_select(0, order).split(sizes)
+        outs = [m(x) for m, x in zip(self.experts.deepspeed_experts, grouped, strict=True)]
+        return torch.empty_like(rows).index_copy(0, order, torch.cat(outs))
 
 
 def _template(hidden_size: int, moe: MoEConfig) -> nn.Module:

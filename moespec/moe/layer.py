@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..routing import Router, RouterConfig
-from .backend import ExpertOutput, backend_builder
+from .backend import ExpertOutput, backend_builder, record_dispatch_rows
 from .config import MoEConfig
 from .native import SwiGLU
 
@@ -29,6 +29,7 @@ def run_experts(
     """Route ``flat`` [T,H], run ``experts``, record their raw outputs on the router; [T,H]."""
     route = router(flat)
     out = experts(flat, route.idx, route.gate_weights)
+    record_dispatch_rows(router, out)
     if out.dropped_tokens is None:
         router.record_expert_outputs(out.raw)
         return out.combined

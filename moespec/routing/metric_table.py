@@ -27,6 +27,7 @@ class RoutingMetric:
     reduction: str = "mean"  # how the layers combine: mean, sum or max
     unit: str = ""  # how it is measured, for figure titles
     shown: frozenset[str] = frozenset()
+    computed_by: str = "stats"  # RoutingStats, or "dispatch": an expert-parallel backend
 
     @property
     def title(self) -> str:
@@ -61,6 +62,8 @@ ROUTING_METRICS: tuple[RoutingMetric, ...] = (
     _metric("routing_entropy", "routing entropy", "routing entropy", None, unit="nats",
             shown="report report_figure"),
     _metric("load_entropy", "load entropy", "load entropy", None, unit="nats", shown="report"),
+    _metric("dispatch_rows_ratio", "expert rows computed per routed row", "rows per route",
+            "lower", shown="compare", computed_by="dispatch"),
 )  # fmt: skip
 
 

@@ -69,6 +69,33 @@ def test_ep2_matches_single_process(torchrun2, train_env, tmp_path):
             torch.testing.assert_close(got["down_grads"][i], ref["down"][e].T, **tol)
 
 
+@pytest.mark.multiproc
+def test_skewed_routing_computes_only_the_routed_rows(torchrun2, train_env, tmp_path):
+    """Every token of both ranks routes to rank 0's experts: rank 0 computes all routed rows,
+    rank 1 none, nothing is padded (a capacity-padded dispatch computes E x max load rows on
+    each rank), and the outputs still equal the one-process layer's."""
+    sys.path.insert(0, str(WORKER.parent))
+    from ep_layer import skew
+
+    cmd = [*torchrun2, str(WORKER), str(tmp_path), "2", "skew"]
+    proc = subprocess.run(cmd, env=train_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, ffn_size=FFN)
+    layer = build_moe_layer(HIDDEN, moe, LossConfig())
+    batch = torch.randn(WORLD, TOKENS, HIDDEN, generator=torch.Generator().manual_seed(1))
+    batch = skew(layer.router.weight, batch)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    routes = TOKENS * TOP_K
+    assert [g["rows_routed"] for g in got] == [routes, routes]
+    assert [g["rows_computed"] for g in got] == [WORLD * routes, 0]
+    assert [g["dispatch_rows_ratio"] for g in got] == [1.0, 1.0]
+    for r in range(WORLD):
+        idx = layer.router(batch[r]).idx
+        assert set(idx.flatten().tolist()) == {0, 1}  # the skew holds in the reference too
+        torch.testing.assert_close(got[r]["y"], layer(batch[r]).detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_token_dropping_matches_per_token_loop(train_env):
     """capacity_factor < 1 with drop_tokens: outputs, dropped count, L_o and overlap vs a loop."""
     worker = WORKER.parent / "ds_capacity.py"

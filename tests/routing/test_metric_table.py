@@ -22,7 +22,8 @@ def test_every_metric_of_the_table_is_computed():
     stats.update(scores, idx, domains)
     stats.update_overlap(0.5, 64)
     computed = stats.compute()
-    assert {m.name for m in ROUTING_METRICS} <= set(computed)
+    assert {m.name for m in ROUTING_METRICS if m.computed_by == "stats"} <= set(computed)
+    assert {m.computed_by for m in ROUTING_METRICS} == {"stats", "dispatch"}
 
 
 def test_top_expert_share_against_a_per_token_count():
