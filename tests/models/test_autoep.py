@@ -1,0 +1,78 @@
+"""DeepSpeed AutoEP (``moe.backend=autoep``): the families it runs exactly, the refusals, and
+the one compatibility shim with the installed transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from moespec.models.autoep import VERIFIED, autoep_section, check_family  # noqa: E402
+from tests.common import ROOT  # noqa: E402
+
+WORKER = ROOT / "tests" / "workers" / "autoep_check.py"
+
+
+def test_the_registry_shim_is_still_needed():
+    """Fails the day transformers' ``_CanRecordRegistry.get`` takes AutoEP's ``(key, default)``
+    again (or DeepSpeed stops calling it so): then ``install_compat`` can go."""
+    code = "from moespec.models.autoep import registry_shim_needed; print(registry_shim_needed())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "True", proc.stderr[-2000:]
+
+
+def test_the_shim_keeps_transformers_lookup_by_model():
+    from transformers.utils import output_capturing as oc
+
+    from moespec.models.autoep import install_compat, registry_shim_needed
+    from moespec.models.hf_tiny import tiny_moe_model
+
+    install_compat()
+    assert not registry_shim_needed()
+    registry = oc._CanRecordRegistry()  # a fresh one: the global stays as it is
+    model = tiny_moe_model("qwen3_moe")
+    key = str(type(model))
+    registry[model] = {"router_logits": "recorded"}  # transformers' own way in: by model
+    assert registry.get(model) == {"router_logits": "recorded"}
+    assert registry.get(key) == {"router_logits": "recorded"}  # AutoEP's way: by class name
+    assert registry.get("<class 'not.a.Model'>", "default") == "default"
+    assert registry.get("<class 'not.a.Model'>") is None
+
+
+@pytest.mark.parametrize(
+    "model_type,needle",
+    [
+        ("gpt_oss", "'gpt_oss': DeepSpeed AutoEP has no preset for it"),
+        ("deepseek_v2", "'deepseek_v2': its logits differ from the model's"),
+    ],
+)
+def test_families_autoep_does_not_run_exactly_are_refused(model_type, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        check_family(model_type)
+    assert "use moe.backend=deepspeed" in str(err.value)
+
+
+def test_the_section_moespec_writes():
+    assert autoep_section("mixtral", 2) == {
+        "enabled": True,
+        "autoep_size": 2,
+        "preset_model": "mixtral",
+        "score_apply": "post",
+        "combine_impl": "weighted_sum",
+    }
+
+
+@pytest.mark.multiproc
+def test_two_ranks_equal_the_unconverted_model(torchrun2, train_env, tmp_path):
+    """Logits, every routing loss per layer, router and embedding gradients, and the weights
+    under the block's own names, for every family claimed (``VERIFIED``), at EP=2."""
+    out = tmp_path / "autoep.json"
+    cmd = [*torchrun2, str(WORKER), str(out), ",".join(VERIFIED)]
+    proc = subprocess.run(cmd, env=train_env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert {f: r["ok"] for f, r in results.items()} == {f: True for f in VERIFIED}
