@@ -4,16 +4,19 @@
 Hugging Face model (a local checkpoint, a local ``config.json`` with random weights, or the
 real SmolLM2-135M upcycled to a Mixtral MoE) with moespec's routing losses attached, optional
 LoRA adapters, and, with ``moe.backend=deepspeed``, its MoE blocks running their routed experts
-through DeepSpeed's expert-parallel ``MOELayer``. :meth:`HFCausalLM.export_pretrained` writes a
+through moespec's dropless expert-parallel dispatch; with ``moe.backend=autoep``,
+``deepspeed.initialize`` converts the blocks (DeepSpeed AutoEP) and the losses attach after. :meth:`HFCausalLM.export_pretrained` writes a
 plain transformers checkpoint (LoRA merged, experts gathered from every expert-parallel rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch import nn
 from ..cache import publish_dir, staging_dir
 from ..cli import override_key
 from ..paths import recipes_dir
+from .autoep import autoep_layers, hf_state
 from .expert_parallel import (
     convert_expert_parallel,
     is_expert_parallel,
@@ -212,6 +216,34 @@ class HFCausalLM(nn.Module):
         """The transformers model (under the peft wrapper when LoRA is on)."""
         return self.model.get_base_model() if self.lora else self.model
 
+    # ---------------------------------------------------------------------- AutoEP
+    def autoep_section(self, ep_size: int) -> dict[str, Any]:
+        """The ``expert_parallel`` section of the DeepSpeed config that converts this model's
+        MoE blocks (its module names as ``deepspeed.initialize`` sees them, under this wrapper)."""
+        from .autoep import autoep_section
+
+        section = autoep_section(self.hf_model.config.model_type, ep_size)
+        from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
+
+        pattern = PRESET_MODELS[section["preset_model"]].moe_layer_pattern
+        return {**section, "moe_layer_pattern": r"model\." + pattern}
+
+    @contextlib.contextmanager
+    def config_visible(self) -> Iterator[None]:
+        """``self.config`` is the transformers config meanwhile: AutoEP reads the routing
+        (top-k, group routing, routed scaling) from ``model.config`` of the model it converts."""
+        self.config = self.hf_model.config
+        try:
+            yield
+        finally:
+            del self.config
+
+    def attach_autoep(self, loss_config: Any) -> None:
+        """moespec's losses and statistics on the AutoEP layers ``deepspeed.initialize`` built."""
+        from .autoep import attach_autoep
+
+        self.handle = attach_autoep(self, loss_config, self.hf_model.config.model_type)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -246,6 +278,10 @@ class HFCausalLM(nn.Module):
         """
         ep_blocks = [(n, m) for n, m in self.named_modules() if is_expert_parallel(m)]
         gathered = {n: m.gather_hf_state() for n, m in ep_blocks}
+        if autoep := autoep_layers(self):
+            model_type = self.hf_model.config.model_type
+            gathered.update({n: hf_state(m, model_type) for n, m in autoep})
+            ep_blocks += autoep
         if self.lora:
             self.model.merge_adapter()
         try:
@@ -275,6 +311,7 @@ class HFCausalLM(nn.Module):
         Every rank calls it (experts are gathered from the expert-parallel ranks); rank 0 writes.
         """
         needs_rebuild = self.lora or any(is_expert_parallel(m) for m in self.modules())
+        needs_rebuild = needs_rebuild or bool(autoep_layers(self))
         state = self.plain_state_dict() if needs_rebuild else None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = Path(out_dir)
@@ -413,9 +450,11 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     if cfg.moe.backend == "deepspeed":
         moe_blocks(model)  # raises the error naming what was found
         convert_expert_parallel(model, cfg.moe)
+    elif cfg.moe.backend == "autoep":
+        return _autoep_ready(model, cfg)
     elif cfg.moe.backend != "native":
         raise ValueError(
-            f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed"
+            f"moe.backend={cfg.moe.backend!r} with model.type=hf; valid: native, deepspeed, autoep"
         )
     if m.lora.enabled:
         model = apply_lora(model, m.lora)
@@ -423,6 +462,20 @@ def build_hf_model(cfg: Any, vocab_size: int | None = None) -> HFCausalLM:
     wrapper = HFCausalLM(model, lora=m.lora.enabled)
     wrapper.handle = handle
     return wrapper
+
+
+def _autoep_ready(model: nn.Module, cfg: Any) -> HFCausalLM:
+    """The model as ``deepspeed.initialize`` will convert it (the losses attach after)."""
+    from .autoep import check_family, install_compat
+
+    moe_blocks(model)  # raises the error naming what was found
+    check_family(model.config.model_type)
+    if cfg.model.lora.enabled:
+        raise ValueError(
+            "model.lora.enabled=true with moe.backend=autoep; use moe.backend=deepspeed"
+        )
+    install_compat()
+    return HFCausalLM(model)
 
 
 __all__ = [

@@ -9,6 +9,8 @@ from .backend import backend_builder, backend_names
 
 #: The built-in backends (``validate`` also accepts any registered later).
 BACKENDS = backend_names()
+#: Not a layer backend: DeepSpeed AutoEP converts a Hugging Face model's MoE blocks itself.
+AUTOEP = "autoep"
 
 
 @dataclass
@@ -44,7 +46,11 @@ class MoEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-        backend_builder(self.backend)  # ValueError naming the registered backends
+        if self.backend != AUTOEP:
+            try:
+                backend_builder(self.backend)
+            except ValueError as err:
+                raise ValueError(f"{err}, {AUTOEP} (Hugging Face models)") from None
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -66,6 +72,8 @@ class MoEConfig:
                 f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}"
             )
         if self.ep_size > 1 and self.backend == "native":
-            raise ValueError("moe.ep_size > 1 needs moe.backend=deepspeed (expert parallel)")
+            raise ValueError(
+                "moe.ep_size > 1 needs moe.backend=deepspeed or autoep (expert parallel)"
+            )
         if self.capacity_factor < 0:
             raise ValueError(f"moe.capacity_factor must be >= 0, got {self.capacity_factor}")

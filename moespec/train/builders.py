@@ -18,6 +18,7 @@ from ..data.build import build_data
 from ..data.pipeline import DataBundle, validate_data_config
 from ..distributed import local_device
 from ..eval.sets import validate_eval_config
+from ..moe.config import AUTOEP
 from ..routing import iter_routers, validate_loss_config
 from . import checkpoint as ckpt
 from . import faults
@@ -84,6 +85,11 @@ def _build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     if cfg.model.type == "tiny":
         from ..models.tiny import TinyMoEConfig, TinyMoELM
 
+        if cfg.moe.backend == AUTOEP:
+            raise TrainingError(
+                "moe.backend=autoep converts Hugging Face MoE blocks (model=hf); the tiny LM "
+                "runs expert parallel with moe.backend=deepspeed"
+            )
         tiny = TinyMoEConfig(**{**asdict(cfg.model.tiny), "vocab_size": vocab_size})
         if tiny.max_seq_len < cfg.data.seq_len:
             tiny.max_seq_len = cfg.data.seq_len
@@ -208,15 +214,56 @@ def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
     model = build_model(cfg, vocab).to(local_device())
     if cfg.deepspeed.zero_stage == 3:
         register_leaf_blocks(model)
+    config = deepspeed_config(cfg)
+    if cfg.moe.backend == AUTOEP:
+        return _autoep_engine(cfg, model, config)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_schedule(cfg, optimizer)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    return engine, model, scheduler
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over :func:`optimizer_groups`."""
     groups = optimizer_groups(model, cfg.optim.weight_decay)
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
     )
+
+
+def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    """Linear warmup, then cosine decay to ``optim.min_lr_ratio``."""
     total = cfg.trainer.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
-    )
+
+
+def _autoep_engine(cfg: TrainConfig, model: nn.Module, config: dict) -> tuple[Any, nn.Module, Any]:
+    """DeepSpeed AutoEP converts the MoE blocks inside ``deepspeed.initialize``; the optimizer
+    is built after that (from callables), with the losses attached to the new layers first so
+    their routers join the no-decay group and the experts their expert-parallel groups."""
+    import deepspeed
+
+    def optimizer(_params: Any) -> torch.optim.Optimizer:
+        model.attach_autoep(cfg.loss)
+        return build_optimizer(cfg, model)
+
+    config["expert_parallel"] = model.autoep_section(cfg.moe.ep_size)
+    with model.config_visible():  # AutoEP reads the routing from model.config
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: build_schedule(cfg, opt),
+            config=config,
+        )
+    return engine, model, scheduler
+    config["expert_parallel"] = model.autoep_section(cfg.moe.ep_size)
+    with model.config_visible():  # AutoEP reads the routing from model.config
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+    model.attach_autoep(cfg.loss)  # on the layers deepspeed.initialize put in
     return engine, model, scheduler

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 
@@ -76,3 +77,34 @@ def test_two_ranks_equal_the_unconverted_model(torchrun2, train_env, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
     assert {f: r["ok"] for f, r in results.items()} == {f: True for f in VERIFIED}
+
+
+@pytest.mark.multiproc
+def test_training_through_autoep_equals_moespec_dispatch(run_train, read_metrics, tmp_path):
+    """4 steps of qwen3_moe at EP=2 with the specialization losses: AutoEP and moespec's own
+    dispatch log the same losses and routing metrics and export the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from moespec.train.launch import deepspeed_launcher, free_port
+
+    runs = {}
+    for backend in ("autoep", "deepspeed"):
+        run_dir = tmp_path / backend
+        args = ["experiment=qwen3_moe_tiny", f"moe={backend}", "moe.ep_size=2"]
+        args += ["loss=specialization", "trainer.max_steps=4", "trainer.log_every=2"]
+        args += ["trainer.progress=false", "trainer.plot_every=100", "wandb.enabled=false"]
+        launcher = deepspeed_launcher(2, port=free_port())
+        proc = run_train([*args, f"hydra.run.dir={run_dir}"], launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[backend] = run_dir
+    got, want = (read_metrics(runs[b]) for b in ("autoep", "deepspeed"))
+    keys = ["train/loss", "loss/orthogonality", "loss/variance", "routing/maxvio"]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for g, w in zip(got, want, strict=True):
+        for key in keys:
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (g["step"], key)
+    exported = {b: AutoModelForCausalLM.from_pretrained(d / "hf_model") for b, d in runs.items()}
+    state, reference = (exported[b].state_dict() for b in ("autoep", "deepspeed"))
+    assert state.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-5, msg=name)
