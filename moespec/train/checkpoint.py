@@ -247,6 +247,36 @@ def save_checkpoint(
     return path
 
 
+def run_layout(cfg: Any, world: int) -> dict[str, Any]:
+    """What the sharding of a checkpoint depends on: ranks, expert parallelism, ZeRO stage."""
+    return {
+        "world_size": world,
+        "ep_size": cfg.moe.ep_size,
+        "moe_backend": cfg.moe.backend,
+        "zero_stage": cfg.deepspeed.zero_stage,
+    }
+
+
+def check_layout(path: Path, current: dict[str, Any]) -> None:
+    """``ValueError`` naming what differs when the checkpoint at ``path`` was sharded otherwise
+    than ``current`` (:func:`run_layout`); checkpoints from before the layout was recorded are
+    left to DeepSpeed's own checks."""
+    state_file = path / "trainer_state.json"
+    saved = json.loads(state_file.read_text()).get("layout") if state_file.is_file() else None
+    if not saved:
+        return
+    differs = [
+        f"{k}={saved.get(k)} (this run: {v})" for k, v in current.items() if saved.get(k) != v
+    ]
+    if differs:
+        raise ValueError(
+            f"checkpoint {path} was saved with {', '.join(differs)}; resume it with the layout it "
+            "was saved at (a run cannot move to another rank count, expert-parallel size or "
+            "ZeRO stage), or start a new run from its weights (a Hugging Face run's hf_model/ "
+            "as model.name_or_path)"
+        )
+
+
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
     """Load engine state from a complete checkpoint; returns the trainer state.
 

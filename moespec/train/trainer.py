@@ -272,6 +272,7 @@ def _weights_text(routed: Any, lm_loss: torch.Tensor) -> str:
 def _resume(trainer: Trainer, resume_from: Path) -> None:
     """Load a checkpoint into the engine, the sampler, the loss weights and the callbacks."""
     root = trainer.ckpt_root
+    ckpt.check_layout(resume_from, ckpt.run_layout(trainer.cfg, trainer.world))  # before any move
     if trainer.rank == 0:
         for moved in ckpt.set_aside_newer(root, resume_from):
             log.warning("newer than the resume point, set aside: %s", moved)

@@ -41,6 +41,7 @@ class Checkpointing(Callback):
             "step": trainer.step,
             "sampler": trainer.batches.state_dict(),
             "loss_weights": trainer.loss_weights,
+            "layout": ckpt.run_layout(trainer.cfg, trainer.world),
             "balance": balance_state(trainer.model),
             "guard": trainer.guard.state_dict(),
         }
