@@ -1,13 +1,14 @@
-"""Expert parallelism for transformers MoE blocks through DeepSpeed's ``MOELayer``.
+"""Expert parallelism for transformers MoE blocks: the routed experts on moespec's dispatch.
 
 Shapes: T tokens, k experts per token, H hidden, E experts, I expert FFN width. Only the
 block's experts module is replaced: its routed experts are sharded over ``moe.ep_size`` ranks
-and run through DeepSpeed's dispatch on the routes the block's own router chose, so the router,
-shared experts, jitter and every family's routing rule stay the model's own. Each expert keeps
-the class's layout (biases, transposed or interleaved weights, its ``_apply_gate``) and the
-loaded model's dtype. The router probe (:func:`moespec.models.hf.attach`) gets each token's k
-raw outputs from the same pass. :meth:`HFExpertParallelExperts.gather_hf_state` gathers the
-experts back for export under the original names.
+and run through the dropless dispatch of :mod:`moespec.moe.deepspeed` on the routes the block's
+own router chose, so the router, shared experts, jitter and every family's routing rule stay the
+model's own. Each expert keeps the class's layout (biases, transposed or interleaved weights,
+its ``_apply_gate``) and the loaded model's dtype. The router probe
+(:func:`moespec.models.hf.attach`) gets each token's k raw outputs from the same pass.
+:meth:`HFExpertParallelExperts.gather_hf_state` gathers the experts back for export under the
+original names.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def convert_expert_parallel(model: nn.Module, moe_cfg: Any) -> int:
             )
         block.experts = cls(experts, moe_cfg.ep_size, moe_cfg.capacity_factor, moe_cfg.drop_tokens)
     logger.info(
-        "expert parallel: %d %s MoE blocks run their %d experts through DeepSpeed MOELayer "
+        "expert parallel: %d %s MoE blocks run their %d experts through moespec's dispatch "
         "(ep_size=%d)",
         len(blocks),
         model_type,
