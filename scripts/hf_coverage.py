@@ -13,7 +13,11 @@ and checked, each in its own forked process:
   equal logits;
 - ep: the experts converted to DeepSpeed expert parallel over 2 CPU ranks (gloo) give the
   one-process model's logits and loss, and train 2 steps through a DeepSpeed engine
-  (``scripts/hf_coverage_ep.py``: one 2-rank launch whose ranks loop over the families).
+  (``scripts/hf_coverage_ep.py``: one 2-rank launch whose ranks loop over the families);
+- autoep (not counted in "every column"): for the families DeepSpeed AutoEP has a preset for,
+  ``deepspeed.initialize`` converts the model on 2 ranks and its logits, routing losses,
+  gradients and weights equal the unconverted model's (``tests/workers/autoep_check.py``);
+  ``-``: no preset (``moe.backend=deepspeed`` runs it).
 
 A language model without an LM head class (the text model of some multimodal families) is
 scored through its tied input embedding.
@@ -47,6 +51,8 @@ sys.path.insert(0, str(ROOT))
 from moespec.models.hf_tiny import moe_families, tiny_moe_model  # noqa: E402
 
 COLUMNS = ("attach", "logits", "losses", "train", "export", "ep")
+#: Shown beside COLUMNS, not part of "every column": DeepSpeed AutoEP runs only some families.
+AUTOEP = "autoep"
 EP_RANKS = 2
 WALL_PER_CPU = 8  # a family's wall-clock limit, in multiples of its CPU limit (a loaded host)
 TABLE_START = "<!-- coverage table: scripts/hf_coverage.py -->"
@@ -327,11 +333,12 @@ def markdown(rows: list[dict], command: str, seconds: float, note: str = "") -> 
         f"`{command}` (transformers {transformers.__version__}, torch {torch.__version__}, CPU, "
         f"{seconds:.0f} s{note}): **{len(passed)} of {len(rows)} families pass every column.**",
         "",
-        "| family | model type | MoE blocks | " + " | ".join(COLUMNS) + " | reason |",
-        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "| family | model type | MoE blocks | " + " | ".join((*COLUMNS, AUTOEP)) + " | reason |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 1) + "---|",
     ]
     for r in rows:
-        marks = " | ".join("yes" if r.get(c) else ("no" if c in r else "-") for c in COLUMNS)
+        shown = (*COLUMNS, AUTOEP)
+        marks = " | ".join("yes" if r.get(c) else ("no" if c in r else "-") for c in shown)
         lines.append(
             f"| {r['family']} | {r['model_type']} | {r['blocks']} | {marks} | {r['reason']} |"
         )
@@ -347,10 +354,11 @@ def read_rows(path: Path) -> dict[str, dict]:
     rows = {}
     for line in text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 4 + len(COLUMNS) or cells[0] in ("family", "---"):
-            continue
+        if len(cells) not in (4 + len(COLUMNS), 5 + len(COLUMNS)) or cells[0] in ("family", "---"):
+            continue  # (tables written before the autoep column have one cell less)
         row = {"family": cells[0], "model_type": cells[1], "blocks": int(cells[2] or 0)}
-        row.update({c: v == "yes" for c, v in zip(COLUMNS, cells[3:-1], strict=True) if v != "-"})
+        shown = (*COLUMNS, AUTOEP)[: len(cells) - 4]
+        row.update({c: v == "yes" for c, v in zip(shown, cells[3:-1], strict=True) if v != "-"})
         rows[cells[0]] = {**row, "reason": cells[-1]}
     return rows
 
@@ -403,6 +411,37 @@ def run_expert_parallel(rows: list[dict], timeout: float) -> None:
             r["reason"] = f"ep: {res['reason']}"
 
 
+def run_autoep(rows: list[dict], timeout: float, families: dict[str, list[str]]) -> None:
+    """The ``autoep`` column: one 2-rank launch over the families AutoEP has a preset for."""
+    from moespec.models.autoep import preset_for
+    from moespec.train.launch import torchrun_launcher
+
+    def has_preset(family: str) -> bool:
+        return any(preset_for(t) for t in families.get(family, []))
+
+    todo = [r for r in rows if r.get("attach") and has_preset(r["family"])]
+    if not todo:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "autoep.json"
+        families = ",".join(r["family"] for r in todo)
+        cmd = [*torchrun_launcher(EP_RANKS), str(ROOT / "tests/workers/autoep_check.py")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        try:
+            proc = subprocess.run([*cmd, str(out), families], env=env, timeout=timeout,
+                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+            ended = f"exit {proc.returncode}"
+            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("autoep ")))
+        except subprocess.TimeoutExpired:
+            ended = f"timeout {timeout:.0f} s"
+        results = json.loads(out.read_text()) if out.is_file() else {}
+    for r in todo:
+        res = results.get(r["family"], {"ok": False, "reason": f"launch ended first ({ended})"})
+        r[AUTOEP] = res["ok"]
+        if not res["ok"]:
+            r["reason"] = "; ".join(x for x in (r["reason"], f"autoep: {res['reason']}") if x)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
@@ -440,6 +479,7 @@ def main() -> None:
             )
     if not args.no_ep:
         run_expert_parallel(rows, args.ep_timeout)
+        run_autoep(rows, args.ep_timeout, families)
     table = markdown(merge_rows(rows, previous, list(families)), command, _since(start), note)
     if args.write:
         write_table(Path(args.write), table)

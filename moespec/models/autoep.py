@@ -67,7 +67,9 @@ def install_compat() -> None:
 
 #: The families whose AutoEP conversion equals the unconverted model (logits, every routing
 #: loss, gradients, experts gathered back) at EP=1 and EP=2: ``tests/workers/autoep_check.py``.
-VERIFIED = ("deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe")
+VERIFIED = (
+    "deepseek_v3", "minimax_m3_vl_text", "mixtral", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
+)  # fmt: skip
 #: Families with a DeepSpeed preset whose conversion differs from the model, and why.
 DIFFERS = {"deepseek_v2": "its logits differ from the model's by up to 5e-3 (routing rule)"}
 
@@ -96,11 +98,14 @@ def check_family(model_type: str) -> None:
     )
 
 
-def autoep_section(model_type: str, ep_size: int) -> dict[str, Any]:
-    """The ``expert_parallel`` section of the DeepSpeed config (:func:`check_family` first).
-    Scores are applied after the experts (the raw outputs the losses read), combined by the
-    plain weighted sum."""
-    check_family(model_type)
+def autoep_section(model_type: str, ep_size: int, *, verified: bool = True) -> dict[str, Any]:
+    """The ``expert_parallel`` section of the DeepSpeed config (:func:`check_family` first,
+    unless ``verified=False``: any family with a preset, to check it). Scores are applied after
+    the experts (the raw outputs the losses read), combined by the plain weighted sum."""
+    if verified:
+        check_family(model_type)
+    elif preset_for(model_type) is None:
+        raise ValueError(f"DeepSpeed AutoEP has no preset for model_type {model_type!r}")
     return {
         "enabled": True,
         "autoep_size": ep_size,
