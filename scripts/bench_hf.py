@@ -7,7 +7,8 @@ aux + orthogonality + variance; transformers: ``output_router_logits=True`` with
 ``router_aux_loss_coef``. Targets against transformers' aux: aux only <= 1.02, aux +
 orthogonality + variance <= 1.05. ``--config`` picks the size (``tiny``: the recipe's
 qwen3_moe_tiny.json; ``h512``: hidden 512, 32 experts, top-4, expert FFN 256; ``h1024``:
-hidden 1024, 64 experts, top-8, expert FFN 256); ``--profile`` prints where a step's time goes.
+hidden 1024, 64 experts, top-8, expert FFN 256; ``h2048``: hidden 2048, the same experts);
+``--device cuda --dtype bfloat16`` for a GPU; ``--profile`` prints where a step's time goes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ AUX = 0.01
 _SIZES = {
     "h512": dict(hidden_size=512, num_experts=32, num_experts_per_tok=4),
     "h1024": dict(hidden_size=1024, num_experts=64, num_experts_per_tok=8),
+    "h2048": dict(hidden_size=2048, num_experts=64, num_experts_per_tok=8),
 }
 VARIANTS = {  # name: (orthogonality weight, variance weight); None: transformers' own aux
     "transformers aux": None,
@@ -125,18 +127,21 @@ def main() -> None:
         "steadier on a machine that shares its cores",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="print only; do not touch docs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = make_base(args.config)
+    base = make_base(args.config).to(args.device, getattr(torch, args.dtype))
     vocab = base.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen)
+        torch.randint(0, vocab, (args.batch, args.seq + 1), generator=gen).to(args.device)
         for _ in range(args.steps)
     ]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
     variants = {name: make_variant(base, w) for name, w in VARIANTS.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for step in variants.values():  # warm-up (and β/γ calibration)
@@ -149,9 +154,11 @@ def main() -> None:
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
+            sync()
             t0 = time.perf_counter()
             for b in batches:
                 variants[name](b[:, :-1], b[:, 1:])
+            sync()
             times[name].append((time.perf_counter() - t0) / len(batches))
     ref_times = times["transformers aux"]
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -167,7 +174,8 @@ def main() -> None:
         f"aux+orth+var **{full:.3f}** ({'meets' if full <= 1.05 else 'misses'} <= 1.05)",
     ]
     body = (
-        f"Qwen3-MoE `{args.config}`, batch {args.batch} x {args.seq} tokens, AdamW "
+        f"Qwen3-MoE `{args.config}`, {args.dtype} on {args.device}, batch {args.batch} x "
+        f"{args.seq} tokens, AdamW "
         f"step included; {args.rounds} interleaved rounds of {args.steps} steps. The ratio is "
         "the median over rounds of each round's step time over transformers' in the same "
         "round (paired, so drift in the machine's speed cancels); IQR: its quartiles.\n\n"

@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-gather-gb", type=float, default=4.0, help="skip batched_mm above this")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="adds each row's share of it")
     args = p.parse_args(argv)
     if args.rounds < 2 or args.loss_rounds < 2:
         p.error("--rounds and --loss-rounds must be at least 2 (medians and quartiles of ratios)")
@@ -432,9 +433,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"±{v.spread * 50:.1f}%",
                 f"{roof.median / v.median:.2f}",
                 f"{flops / v.median / 1e9:.0f}",
+                *(
+                    [f"{flops / v.median / 1e12 / args.peak_tflops:.1%}"]
+                    if args.peak_tflops
+                    else []
+                ),
             ]
         )
     header = ["layer (fwd+bwd)", "time (ms)", "noise (IQR/2)", "roofline / time", "GFLOP/s"]
+    header += [f"share of {args.peak_tflops:.0f} TFLOP/s"] if args.peak_tflops else []
     table = markdown_table(header, rows)
     loss_table = markdown_table(
         ["router losses", "time (ms)", "ratio to aux only (paired median)"],
