@@ -206,8 +206,11 @@ def build_run_data(cfg: TrainConfig, rank: int) -> DataBundle:
     return data if data is not None else build_data(cfg.data, rank=rank, tokenizer=hf_tok)
 
 
-def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
-    """Model, AdamW with warmup-cosine, and the DeepSpeed engine around them."""
+def build_engine(
+    cfg: TrainConfig, vocab: int, *, load_universal: bool = False
+) -> tuple[Any, nn.Module, Any]:
+    """Model, AdamW with warmup-cosine, and the DeepSpeed engine around them
+    (``load_universal``: it will load a checkpoint in DeepSpeed's universal format)."""
     import deepspeed
 
     torch.manual_seed(cfg.trainer.seed)
@@ -215,6 +218,8 @@ def build_engine(cfg: TrainConfig, vocab: int) -> tuple[Any, nn.Module, Any]:
     if cfg.deepspeed.zero_stage == 3:
         register_leaf_blocks(model)
     config = deepspeed_config(cfg)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     if cfg.moe.backend == AUTOEP:
         return _autoep_engine(cfg, model, config)
     optimizer = build_optimizer(cfg, model)

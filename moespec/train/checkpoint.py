@@ -16,6 +16,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,24 +259,58 @@ def run_layout(cfg: Any, world: int) -> dict[str, Any]:
     }
 
 
-def check_layout(path: Path, current: dict[str, Any]) -> None:
-    """``ValueError`` naming what differs when the checkpoint at ``path`` was sharded otherwise
-    than ``current`` (:func:`run_layout`); checkpoints from before the layout was recorded are
-    left to DeepSpeed's own checks."""
+def saved_layout(path: Path) -> dict[str, Any] | None:
+    """The layout the checkpoint at ``path`` recorded (None: saved before layouts were)."""
     state_file = path / "trainer_state.json"
-    saved = json.loads(state_file.read_text()).get("layout") if state_file.is_file() else None
+    return json.loads(state_file.read_text()).get("layout") if state_file.is_file() else None
+
+
+def check_layout(path: Path, current: dict[str, Any]) -> bool:
+    """Whether the checkpoint at ``path`` must be loaded through DeepSpeed's universal format:
+    a DeepSpeed AutoEP run saved at another ``moe.ep_size`` on as many ranks. ``ValueError``
+    naming what differs for any other layout than ``current`` (:func:`run_layout`); checkpoints
+    from before the layout was recorded are left to DeepSpeed's own checks."""
+    saved = saved_layout(path)
     if not saved:
-        return
-    differs = [
-        f"{k}={saved.get(k)} (this run: {v})" for k, v in current.items() if saved.get(k) != v
-    ]
-    if differs:
-        raise ValueError(
-            f"checkpoint {path} was saved with {', '.join(differs)}; resume it with the layout it "
-            "was saved at (a run cannot move to another rank count, expert-parallel size or "
-            "ZeRO stage), or start a new run from its weights (a Hugging Face run's hf_model/ "
-            "as model.name_or_path)"
-        )
+        return False
+    differs = {k: v for k, v in current.items() if saved.get(k) != v}
+    if not differs:
+        return False
+    autoep = saved.get("moe_backend") == current["moe_backend"] == "autoep"
+    if set(differs) == {"ep_size"} and autoep:
+        return True
+    text = ", ".join(f"{k}={saved.get(k)} (this run: {v})" for k, v in differs.items())
+    raise ValueError(
+        f"checkpoint {path} was saved with {text}; resume it with the layout it was saved at "
+        "(only a moe.backend=autoep run may change moe.ep_size, on as many ranks), or start a "
+        "new run from its weights (a Hugging Face run's hf_model/ as model.name_or_path)"
+    )
+
+
+def universal_copy(path: Path, out_root: Path) -> Path:
+    """DeepSpeed's universal checkpoint of ``path`` (rank 0 converts it once, into
+    ``out_root/<tag>``, published whole), with moespec's own files beside it; every rank
+    returns its path. DeepSpeed loads it at another expert-parallel size."""
+    out = out_root / path.name
+    error = None
+    if _rank() == 0 and not (out / MARKER).is_file():
+        staging = out_root / f".{path.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+        cmd += ["--input_folder", str(path), "--output_folder", str(staging)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = " ".join((proc.stderr or proc.stdout).split()[-40:])
+            error = f"DeepSpeed could not convert {path} to its universal format: {tail}"
+        else:
+            for own in [*path.glob("rank*_state.pt"), path / "trainer_state.json", path / MARKER]:
+                shutil.copy2(own, staging / own.name)
+            shutil.rmtree(out, ignore_errors=True)
+            staging.rename(out)
+    if _any_rank(error is not None):
+        raise ValueError(error or f"rank 0 could not convert {path} to the universal format")
+    _barrier()
+    return out
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:

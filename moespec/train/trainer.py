@@ -269,15 +269,15 @@ def _weights_text(routed: Any, lm_loss: torch.Tensor) -> str:
     return ", ".join(parts) or "no routing loss is weighted"
 
 
-def _resume(trainer: Trainer, resume_from: Path) -> None:
-    """Load a checkpoint into the engine, the sampler, the loss weights and the callbacks."""
+def _resume(trainer: Trainer, resume_from: Path, load_from: Path) -> None:
+    """Load a checkpoint (``resume_from``, or its universal copy ``load_from``) into the
+    engine, the sampler, the loss weights and the callbacks."""
     root = trainer.ckpt_root
-    ckpt.check_layout(resume_from, ckpt.run_layout(trainer.cfg, trainer.world))  # before any move
     if trainer.rank == 0:
         for moved in ckpt.set_aside_newer(root, resume_from):
             log.warning("newer than the resume point, set aside: %s", moved)
     dist.barrier()
-    state = ckpt.load_checkpoint(trainer.engine, resume_from)
+    state = ckpt.load_checkpoint(trainer.engine, load_from)
     trainer.start_step = state["step"]
     trainer.batches.load_state_dict(state["sampler"])
     trainer.guard.load_state_dict(state.get("guard", {}))
@@ -382,7 +382,11 @@ def _train(
             f"moe.ep_size={cfg.moe.ep_size} exceeds the {world} process(es) launched"
         )
     data = build_run_data(cfg, rank)
-    engine, model, scheduler = build_engine(cfg, len(data.tokenizer))
+    resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir / "checkpoints")
+    universal = resume_from is not None and ckpt.check_layout(  # refused here, before the build
+        resume_from, ckpt.run_layout(cfg, world)
+    )
+    engine, model, scheduler = build_engine(cfg, len(data.tokenizer), load_universal=universal)
     safe_load.install(engine)
     faults.point("setup")
     check_data_sizes(cfg, data, world)
@@ -392,9 +396,11 @@ def _train(
     )  # fmt: skip
     for r in iter_routers(model):  # the score-correction bias moves once per optimizer step
         r.defer_bias_update = True
-    resume_from = ckpt.resolve_resume(cfg.trainer.resume, trainer.ckpt_root)
     if resume_from is not None:
-        _resume(trainer, resume_from)
+        load_from = resume_from
+        if universal:  # an AutoEP run at another moe.ep_size: DeepSpeed's universal format
+            load_from = ckpt.universal_copy(resume_from, run_dir / "universal")
+        _resume(trainer, resume_from, load_from)
     elif cfg.trainer.resume == "auto" and rank == 0:
         log.info(
             "trainer.resume=auto: no checkpoint in %s yet; starting at step 0", trainer.ckpt_root

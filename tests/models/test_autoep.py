@@ -110,3 +110,33 @@ def test_training_through_autoep_equals_moespec_dispatch(run_train, read_metrics
     assert state.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(state[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.multiproc
+def test_an_autoep_run_resumes_at_another_ep_size(run_train, read_metrics, tmp_path):
+    """Saved at EP=2 on 2 ranks, resumed at EP=1 on the same 2 ranks through DeepSpeed's
+    universal checkpoint: the next steps' losses equal the uninterrupted run's."""
+    import shutil
+
+    from moespec.train.launch import deepspeed_launcher, free_port
+
+    base = ["experiment=qwen3_moe_tiny", "moe=autoep", "loss=specialization"]
+    base += ["trainer.max_steps=4", "trainer.log_every=1", "trainer.progress=false"]
+    base += ["trainer.plot_every=100", "trainer.eval_every=100", "wandb.enabled=false"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    args = [*base, "moe.ep_size=2", "trainer.save_every=2", f"hydra.run.dir={whole}"]
+    proc = run_train(args, launcher=deepspeed_launcher(2, port=free_port()))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shutil.copytree(
+        whole / "checkpoints" / "step00000002", resumed / "checkpoints" / "step00000002"
+    )
+    args = [*base, "moe.ep_size=1", "trainer.resume=auto", f"hydra.run.dir={resumed}"]
+    proc = run_train(args, launcher=deepspeed_launcher(2, port=free_port()))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (resumed / "universal" / "step00000002" / "COMPLETE").is_file()
+    want = {r["step"]: r for r in read_metrics(whole) if "train/loss" in r}
+    got = {r["step"]: r for r in read_metrics(resumed) if "train/loss" in r}
+    assert sorted(got) == [3, 4]
+    for step in got:
+        for key in ("train/loss", "loss/orthogonality", "routing/maxvio"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-6), key

@@ -16,9 +16,9 @@ FAST = ["experiment=smoke", "trainer.progress=false", "trainer.plot_every=100"]
 FAST += ["trainer.eval_every=100", "wandb.enabled=false", "trainer.save_every=2"]
 
 
-def _cfg(ep_size: int, zero_stage: int = 1) -> SimpleNamespace:
+def _cfg(ep_size: int, zero_stage: int = 1, backend: str = "deepspeed") -> SimpleNamespace:
     return SimpleNamespace(
-        moe=SimpleNamespace(ep_size=ep_size, backend="deepspeed"),
+        moe=SimpleNamespace(ep_size=ep_size, backend=backend),
         deepspeed=SimpleNamespace(zero_stage=zero_stage),
     )
 
@@ -26,13 +26,20 @@ def _cfg(ep_size: int, zero_stage: int = 1) -> SimpleNamespace:
 def test_check_layout_names_every_difference(tmp_path: Path):
     saved = ckpt.run_layout(_cfg(2), world=2)
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "layout": saved}))
-    ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(2), world=2))  # the same: fine
+    assert ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(2), world=2)) is False  # the same
     with pytest.raises(ValueError) as err:
         ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1, zero_stage=2), world=1))
     text = str(err.value)
     assert "world_size=2 (this run: 1), ep_size=2 (this run: 1), zero_stage=1 (this run: 2)" in text
+    with pytest.raises(ValueError, match="ep_size=2 .this run: 1.; .*only a moe.backend=autoep"):
+        ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1), world=2))
+    autoep = ckpt.run_layout(_cfg(2, backend="autoep"), world=2)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "layout": autoep}))
+    assert ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1, backend="autoep"), world=2))
+    with pytest.raises(ValueError, match="world_size=2 .this run: 1."):  # not on other ranks
+        ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1, backend="autoep"), world=1))
     (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4}))  # older: no layout
-    ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1), world=1))
+    assert ckpt.check_layout(tmp_path, ckpt.run_layout(_cfg(1), world=1)) is False
 
 
 @pytest.mark.multiproc
