@@ -379,33 +379,36 @@ def write_table(path: Path, table: str) -> None:
     path.write_text(text)
 
 
-def run_expert_parallel(rows: list[dict], timeout: float) -> None:
-    """The ``ep`` column: one ``torchrun`` launch of 2 ranks over every family that attached."""
+def launch_ranks(script: Path, families: str, timeout: float, prefix: str) -> dict[str, dict]:
+    """One ``torchrun`` launch of ``EP_RANKS`` ranks of ``script OUT.json FAMILIES``; its
+    ``{family: {"ok", "reason"}}``, with a family it never reached failing with the reason."""
     from moespec.train.launch import torchrun_launcher
 
-    todo = [r for r in rows if r.get("attach")]
-    if not todo:
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ep.json"
-        families = ",".join(f"{r['family']}:{r['model_type']}" for r in todo)
-        cmd = [
-            *torchrun_launcher(EP_RANKS),
-            str(ROOT / "scripts/hf_coverage_ep.py"),
-            str(out),
-            families,
-        ]
+        out = Path(tmp) / "results.json"
+        cmd = [*torchrun_launcher(EP_RANKS), str(script), str(out), families]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout, check=False, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
             ended = f"exit {proc.returncode}"
-            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("ep ")))
+            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(prefix)))
         except subprocess.TimeoutExpired:
             ended = f"timeout {timeout:.0f} s"
         results = json.loads(out.read_text()) if out.is_file() else {}
+    missed = {"ok": False, "reason": f"launch ended first ({ended})"}
+    return {f.split(":")[0]: results.get(f.split(":")[0], missed) for f in families.split(",")}
+
+
+def run_expert_parallel(rows: list[dict], timeout: float) -> None:
+    """The ``ep`` column: one 2-rank launch over every family that attached."""
+    todo = [r for r in rows if r.get("attach")]
+    if not todo:
+        return
+    families = ",".join(f"{r['family']}:{r['model_type']}" for r in todo)
+    results = launch_ranks(ROOT / "scripts/hf_coverage_ep.py", families, timeout, "ep ")
     for r in todo:
-        res = results.get(r["family"], {"ok": False, "reason": f"launch ended first ({ended})"})
+        res = results[r["family"]]
         r["ep"] = res["ok"]
         if not res["ok"] and not r["reason"]:
             r["reason"] = f"ep: {res['reason']}"
@@ -414,7 +417,6 @@ def run_expert_parallel(rows: list[dict], timeout: float) -> None:
 def run_autoep(rows: list[dict], timeout: float, families: dict[str, list[str]]) -> None:
     """The ``autoep`` column: one 2-rank launch over the families AutoEP has a preset for."""
     from moespec.models.autoep import preset_for
-    from moespec.train.launch import torchrun_launcher
 
     def has_preset(family: str) -> bool:
         return any(preset_for(t) for t in families.get(family, []))
@@ -422,21 +424,10 @@ def run_autoep(rows: list[dict], timeout: float, families: dict[str, list[str]])
     todo = [r for r in rows if r.get("attach") and has_preset(r["family"])]
     if not todo:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "autoep.json"
-        families = ",".join(r["family"] for r in todo)
-        cmd = [*torchrun_launcher(EP_RANKS), str(ROOT / "tests/workers/autoep_check.py")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        try:
-            proc = subprocess.run([*cmd, str(out), families], env=env, timeout=timeout,
-                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-            ended = f"exit {proc.returncode}"
-            print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith("autoep ")))
-        except subprocess.TimeoutExpired:
-            ended = f"timeout {timeout:.0f} s"
-        results = json.loads(out.read_text()) if out.is_file() else {}
+    names = ",".join(r["family"] for r in todo)
+    results = launch_ranks(ROOT / "tests/workers/autoep_check.py", names, timeout, "autoep ")
     for r in todo:
-        res = results.get(r["family"], {"ok": False, "reason": f"launch ended first ({ended})"})
+        res = results[r["family"]]
         r[AUTOEP] = res["ok"]
         if not res["ok"]:
             r["reason"] = "; ".join(x for x in (r["reason"], f"autoep: {res['reason']}") if x)
