@@ -468,8 +468,14 @@ def _autoep_ready(model: nn.Module, cfg: Any) -> HFCausalLM:
     """The model as ``deepspeed.initialize`` will convert it (the losses attach after)."""
     from .autoep import check_family, install_compat
 
-    moe_blocks(model)  # raises the error naming what was found
+    _, _, blocks = moe_blocks(model)  # raises the error naming what was found
     check_family(model.config.model_type)
+    name, block = blocks[0]
+    if block.experts.num_experts % cfg.moe.ep_size:
+        raise ValueError(
+            f"{name}.experts: {block.experts.num_experts} experts are not divisible by "
+            f"moe.ep_size={cfg.moe.ep_size}"
+        )
     if cfg.model.lora.enabled:
         raise ValueError(
             "model.lora.enabled=true with moe.backend=autoep; use moe.backend=deepspeed"

@@ -44,8 +44,9 @@ class MoEConfig:
             loss=loss,
         )
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
+    def validate(self, *, own_experts: bool = True) -> None:
+        """Raise ``ValueError`` naming the first invalid field. ``own_experts=False``: the
+        model brings its own experts (Hugging Face), whose count the conversion checks."""
         if self.backend != AUTOEP:
             try:
                 backend_builder(self.backend)
@@ -67,7 +68,7 @@ class MoEConfig:
             validate_router_config(self.router_config(LossConfig()))
         except ValueError as err:
             raise ValueError(str(err).replace("router.", "moe.")) from None
-        if self.num_experts % self.ep_size:
+        if own_experts and self.num_experts % self.ep_size:
             raise ValueError(
                 f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}"
             )

@@ -32,7 +32,7 @@ class TrainingError(RuntimeError):
 
 def validate_recipe(cfg: TrainConfig) -> None:
     """Every check that needs no data, model weights or processes: bad input fails at once."""
-    cfg.moe.validate()
+    cfg.moe.validate(own_experts=cfg.model.type != "hf")
     validate_loss_config(cfg.loss)
     cfg.optim.validate()
     cfg.trainer.validate()

@@ -140,3 +140,20 @@ def test_an_autoep_run_resumes_at_another_ep_size(run_train, read_metrics, tmp_p
     for step in got:
         for key in ("train/loss", "loss/orthogonality", "routing/maxvio"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_models_own_expert_count_is_checked_against_ep_size():
+    """An HF model brings its experts: the recipe's moe.num_experts is not what must divide."""
+    from types import SimpleNamespace
+
+    from moespec.models.hf_tiny import tiny_moe_model
+    from moespec.models.hf_train import _autoep_ready
+    from moespec.moe import MoEConfig
+
+    MoEConfig(backend="autoep", num_experts=8, ep_size=3).validate(own_experts=False)
+    with pytest.raises(ValueError, match="moe.num_experts=8 is not divisible by moe.ep_size=3"):
+        MoEConfig(backend="autoep", num_experts=8, ep_size=3).validate()
+    cfg = SimpleNamespace(moe=SimpleNamespace(ep_size=3), model=SimpleNamespace(
+        lora=SimpleNamespace(enabled=False)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"mlp.experts: 4 experts are not divisible by moe.ep_si"):
+        _autoep_ready(tiny_moe_model("qwen3_moe"), cfg)
