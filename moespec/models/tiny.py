@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..moe import MoEConfig, build_moe_layer
@@ -89,11 +89,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None
     ) -> torch.Tensor:
         """``mask`` [B,1,S,S] (True = may attend) replaces the plain causal mask when given."""
         b, s, _ = x.shape
@@ -119,11 +115,7 @@ class DecoderLayer(nn.Module):
         self.mlp = build_moe_layer(cfg.hidden_size, moe, loss, layer_index=index)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_norm(x), cos, sin, mask)
         return x + self.mlp(self.post_attn_norm(x))
@@ -233,14 +225,10 @@ class TinyMoELM(nn.Module):
             nn.init.normal_(p, std=std)
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+        position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
         ignore_index: int = -100,
-    ) -> LMOutput:
+    ) -> LMOutput:  # fmt: skip
         """``labels`` are already aligned with ``input_ids`` (label t = token after t).
 
         Packed rows: ``position_ids`` [B,S] restart at each example and ``document_ids`` [B,S]
