@@ -271,17 +271,25 @@ class HFCausalLM(nn.Module):
         return result
 
     # -------------------------------------------------------------------- export
-    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+    def plain_state_dict(self, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """The weights as plain transformers names them (LoRA merged, experts gathered).
 
-        Collective under expert parallelism: every rank must call it.
+        Collective under expert parallelism: every rank must call it. ``rank0_only``: the
+        other ranks keep no gathered layer and return ``{}``; without LoRA the tensors are the
+        model's own, not copies.
         """
+        keep = not rank0_only or not (dist.is_initialized() and dist.get_rank() > 0)
         ep_blocks = [(n, m) for n, m in self.named_modules() if is_expert_parallel(m)]
-        gathered = {n: m.gather_hf_state() for n, m in ep_blocks}
-        if autoep := autoep_layers(self):
-            model_type = self.hf_model.config.model_type
-            gathered.update({n: hf_state(m, model_type) for n, m in autoep})
-            ep_blocks += autoep
+        autoep = autoep_layers(self)
+        model_type = self.hf_model.config.model_type
+        gathered = {}
+        for n, m in [*ep_blocks, *autoep]:  # one layer at a time: others drop it at once
+            sd = m.gather_hf_state() if is_expert_parallel(m) else hf_state(m, model_type)
+            if keep:
+                gathered[n] = sd
+        ep_blocks += autoep
+        if not keep:
+            return {}
         if self.lora:
             self.model.merge_adapter()
         try:
@@ -292,7 +300,7 @@ class HFCausalLM(nn.Module):
                 if not key.startswith(prefix) or key.startswith(skip) or "lora_" in key:
                     continue
                 name = plain_name(key[len(prefix) :])
-                state[name] = value.detach().clone()
+                state[name] = value.detach().clone() if self.lora or not rank0_only else value
             for n, sd in gathered.items():
                 block = n[len(prefix) :]
                 state.update({f"{block}.{k}": v for k, v in sd.items()})
@@ -312,16 +320,18 @@ class HFCausalLM(nn.Module):
         """
         needs_rebuild = self.lora or any(is_expert_parallel(m) for m in self.modules())
         needs_rebuild = needs_rebuild or bool(autoep_layers(self))
-        state = self.plain_state_dict() if needs_rebuild else None
+        state = self.plain_state_dict(rank0_only=True) if needs_rebuild else None
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         out = Path(out_dir)
         if rank == 0:
             tmp = staging_dir(out)
-            plain = self.hf_model if state is None else self._rebuilt(state)
+            # expert parallel without LoRA: this model writes the gathered weights itself (no
+            # second model); with LoRA a plain model of the config holds the merged weights
+            plain = self._rebuilt(state) if state is not None and self.lora else self.hf_model
             if tokenizer is not None:
                 set_special_token_ids(plain, tokenizer)
                 tokenizer.save_pretrained(str(tmp))
-            plain.save_pretrained(tmp)
+            plain.save_pretrained(tmp, state_dict=None if plain is not self.hf_model else state)
             (tmp / EXPORT_INFO).write_text(json.dumps({"step": step}) + "\n")
             if out.exists():
                 shutil.rmtree(out)
