@@ -11,6 +11,7 @@ over ranks: rows the expert weights were applied to per routed row (a hook on th
 input), bytes sent to the other rank by all-to-all, and per rank the peak RSS; step time is the
 median over steps of the slower rank.
 
+    git worktree add /tmp/moespec-padded 80f5127  # the padded dispatch, for --baseline
     python scripts/bench_ep.py --baseline /tmp/moespec-padded
 """
 
@@ -223,7 +224,9 @@ def main() -> None:
     if not args.no_write:
         note = (
             "2 CPU ranks, EP=2, gloo. `padded`: the capacity-padded dispatch moespec had before "
-            "(every expert computes the largest expert load of the step); `dropless`: moespec's "
+            "(every expert computes the largest expert load of the step; `--baseline` is a "
+            "checkout of it: `git worktree add /tmp/moespec-padded 80f5127`, left out without "
+            "`--baseline`); `dropless`: moespec's "
             "dispatch now (`moe.backend=deepspeed`); `autoep`: DeepSpeed AutoEP "
             "(`moe.backend=autoep`). Rows: rows the expert weights were applied to, per routed "
             "row (AutoEP aligns each expert's rows to a multiple of 8)."

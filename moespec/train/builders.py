@@ -265,10 +265,3 @@ def _autoep_engine(cfg: TrainConfig, model: nn.Module, config: dict) -> tuple[An
             config=config,
         )
     return engine, model, scheduler
-    config["expert_parallel"] = model.autoep_section(cfg.moe.ep_size)
-    with model.config_visible():  # AutoEP reads the routing from model.config
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
-        )
-    model.attach_autoep(cfg.loss)  # on the layers deepspeed.initialize put in
-    return engine, model, scheduler

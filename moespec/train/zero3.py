@@ -25,6 +25,11 @@ log = logging.getLogger("moespec")
 
 def zero3_problem(cfg: Any) -> str | None:
     """Why the recipe cannot run with ``deepspeed.zero_stage=3`` (``None``: it can)."""
+    if cfg.moe.backend == "autoep":
+        return (
+            "deepspeed.zero_stage=3 with moe.backend=autoep: moespec runs DeepSpeed AutoEP with "
+            "ZeRO stage 0, 1 or 2 (stage 3 is not verified); use deepspeed=zero2"
+        )
     if cfg.moe.backend == "deepspeed":
         return (
             "deepspeed.zero_stage=3 with moe.backend=deepspeed: DeepSpeed 0.19 runs its MoE "

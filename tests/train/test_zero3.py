@@ -82,3 +82,14 @@ def test_zero3_with_expert_parallel_is_one_line_before_any_work(train_env, tmp_p
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert "zero_stage=3 with moe.backend=deepspeed" in lines[-1], lines[-3:]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_autoep_is_refused_with_zero3():
+    from types import SimpleNamespace
+
+    from moespec.train.zero3 import zero3_problem
+
+    cfg = SimpleNamespace(moe=SimpleNamespace(backend="autoep"), model=SimpleNamespace(type="hf"))
+    assert "zero_stage=3 with moe.backend=autoep" in zero3_problem(cfg)
+    cfg.moe.backend = "native"
+    assert zero3_problem(cfg) is None
