@@ -5,10 +5,11 @@ Shapes: S (=T) tokens, E experts, k experts per token, M (=H) hidden.
 :class:`DeepSpeedExperts` is a ``deepspeed.moe.layer.MoE`` (so the DeepSpeed engine finds
 it, builds its expert-parallel groups, reduces expert gradients over the expert-data group
 and saves this rank's experts under ``deepspeed_moe.experts.deepspeed_experts.*``) whose
-:class:`MoespecMOELayer` (a ``MOELayer`` whose ``forward`` is moespec's) dispatches the routes the layer's router chose, dropless: the routes are sorted
-by expert and exchanged with DeepSpeed AutoEP's uneven all-to-all, so each rank's experts
-compute exactly the rows routed to them. The combine all-to-all brings each token's k raw
-outputs back to its home rank; gradients flow back through the same exchanges.
+:class:`MoespecMOELayer` (a ``MOELayer`` with moespec's ``forward``) dispatches the routes the
+layer's router chose, dropless: the routes are sorted by expert and exchanged with DeepSpeed
+AutoEP's uneven all-to-all, so each rank's experts compute exactly the rows routed to them. The
+combine all-to-all brings each token's k raw outputs back to its home rank; gradients flow back
+through the same exchanges.
 """
 
 from __future__ import annotations
