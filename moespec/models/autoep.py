@@ -15,8 +15,10 @@ The compatibility with the transformers moespec installs lives here too
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,6 +115,27 @@ def autoep_section(model_type: str, ep_size: int, *, verified: bool = True) -> d
         "score_apply": "post",
         "combine_impl": "weighted_sum",
     }
+
+
+class _PrefixedPatternNote(logging.Filter):
+    """Drops DeepSpeed's warning that ``moe_layer_pattern`` overrides the preset's: moespec sets
+    it on purpose (its model wrapper prefixes the module names with ``model.``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom preset fields ['moe_layer_pattern']" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def prefixed_pattern_quiet() -> Iterator[None]:
+    """Meanwhile, DeepSpeed does not warn about the ``moe_layer_pattern`` moespec sets."""
+    from deepspeed.utils import logger as ds_logger
+
+    note = _PrefixedPatternNote()
+    ds_logger.addFilter(note)
+    try:
+        yield
+    finally:
+        ds_logger.removeFilter(note)
 
 
 def autoep_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -282,6 +305,7 @@ __all__ = [
     "gather_experts",
     "hf_state",
     "install_compat",
+    "prefixed_pattern_quiet",
     "preset_for",
     "registry_shim_needed",
 ]

@@ -229,12 +229,16 @@ class HFCausalLM(nn.Module):
         return {**section, "moe_layer_pattern": r"model\." + pattern}
 
     @contextlib.contextmanager
-    def config_visible(self) -> Iterator[None]:
-        """``self.config`` is the transformers config meanwhile: AutoEP reads the routing
-        (top-k, group routing, routed scaling) from ``model.config`` of the model it converts."""
+    def autoep_conversion(self) -> Iterator[None]:
+        """Around ``deepspeed.initialize``: ``self.config`` is the transformers config (AutoEP
+        reads the routing, top-k, group routing and routed scaling, from ``model.config``), and
+        DeepSpeed's note on the ``moe_layer_pattern`` of :meth:`autoep_section` is left out."""
+        from .autoep import prefixed_pattern_quiet
+
         self.config = self.hf_model.config
         try:
-            yield
+            with prefixed_pattern_quiet():
+                yield
         finally:
             del self.config
 

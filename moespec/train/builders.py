@@ -257,7 +257,7 @@ def _autoep_engine(cfg: TrainConfig, model: nn.Module, config: dict) -> tuple[An
         return build_optimizer(cfg, model)
 
     config["expert_parallel"] = model.autoep_section(cfg.moe.ep_size)
-    with model.config_visible():  # AutoEP reads the routing from model.config
+    with model.autoep_conversion():  # AutoEP reads the routing from model.config
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
