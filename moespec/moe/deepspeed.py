@@ -108,20 +108,19 @@ class MoespecMOELayer(MOELayer):
         from deepspeed.module_inject.auto_ep_layer import _AllToAllV, compute_split_plan
 
         self.rows_routed = rows.shape[0]
+        if self.ep_size == 1:  # every expert is local: no exchange
+            return self._run_local_experts(rows, counts.view(1, -1))
         plan = compute_split_plan(
-            selected_experts=rows.new_empty(0, 1, dtype=torch.long),  # counts are given
+            selected_experts=rows.new_empty(0, 1, dtype=torch.long),  # unused: counts are given
             num_experts=self.gate.num_experts,
             ep_size=self.ep_size,
             num_local_experts=self.num_local_experts,
             ep_group=self.ep_group,
             num_tokens_per_expert=counts,
         )
-        if self.ep_size > 1:
-            rows = _AllToAllV.apply(self.ep_group, rows, plan.input_splits, plan.output_splits)
+        rows = _AllToAllV.apply(self.ep_group, rows, plan.input_splits, plan.output_splits)
         out = self._run_local_experts(rows, plan.local_counts_by_source)
-        if self.ep_size > 1:
-            out = _AllToAllV.apply(self.ep_group, out, plan.output_splits, plan.input_splits)
-        return out
+        return _AllToAllV.apply(self.ep_group, out, plan.output_splits, plan.input_splits)
 
     def _run_local_experts(self, rows: torch.Tensor, by_source: torch.Tensor) -> torch.Tensor:
         """Rows grouped by (source rank, local expert) → each local expert on its own rows."""
