@@ -28,7 +28,7 @@ from torch import nn
 from ..hooks import HookRegistry
 from ..routing import LossConfig, RouterConfig
 from ..routing.router import ATTACHED_ROUTER_ATTR
-from .hf import AttachHandle, set_model_aux_loss
+from .hf import AttachHandle, router_hook, set_model_aux_loss
 from .probe import HFRouterProbe
 from .specs import DEFAULT_SPEC
 
@@ -232,7 +232,7 @@ def attach_autoep(model: nn.Module, loss_config: LossConfig, model_type: str) ->
     ]
     registry = HookRegistry()
     for probe in probes:
-        registry.add_forward(_HOOK_GROUP, probe.gate, _gate_hook(probe))
+        registry.add_forward(_HOOK_GROUP, probe.gate, router_hook(probe))
         registry.add_forward(_HOOK_GROUP, probe.block.router, _router_hook(probe))
         object.__setattr__(probe.block, ATTACHED_ROUTER_ATTR, probe)
     handle = AttachHandle(model, probes, registry)
@@ -240,14 +240,6 @@ def attach_autoep(model: nn.Module, loss_config: LossConfig, model_type: str) ->
     handle._aux_state = set_model_aux_loss(model, float(loss_config.aux.weight) == 0)
     logger.info("moespec attached to %d AutoEP layers (%s)", len(probes), model_type)
     return handle
-
-
-def _gate_hook(probe: AutoEPRouterProbe):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        probe.training = module.training
-        probe.observe_router(output)
-
-    return hook
 
 
 def _router_hook(probe: AutoEPRouterProbe):

@@ -175,7 +175,7 @@ def attach(
                 X.own_implementation(probe.experts, config._experts_implementation)
             )
     for probe in probes:
-        registry.add_forward(_HOOK_GROUP, probe.gate, _make_router_hook(probe))
+        registry.add_forward(_HOOK_GROUP, probe.gate, router_hook(probe))
         object.__setattr__(
             probe.block, ATTACHED_ROUTER_ATTR, probe
         )  # unregistered: not in state_dict
@@ -195,7 +195,9 @@ def attach(
     return handle
 
 
-def _make_router_hook(probe: HFRouterProbe):
+def router_hook(probe: HFRouterProbe):
+    """The forward hook that hands a router's output to its probe."""
+
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         probe.training = module.training
         probe.observe_router(output)
